@@ -1,0 +1,266 @@
+"""
+Image-caption data: read caption files, check the images, and serve (image, tokens) pairs to training and evaluation.
+
+Caption files (the format is detected from the content, not the file name):
+  - Karpathy JSON, as in dataset_flickr30k.json / dataset_coco.json / dataset_flickr8k.json
+    (https://cs.stanford.edu/people/karpathy/deepimagesent/) and our synthetic dataset_shapes.json
+  - Flickr8k's Flickr8k.token.txt, with the split lists Flickr_8k.{train,dev,test}Images.txt beside it
+  - a JSON list [{"image": "path", "caption": ["...", ...]}], as in the Flickr8k CLIP tutorial
+  - a CSV file with a header row "image,caption" and one row per caption (Kaggle's Flickr8k captions.txt)
+
+Training sees ONE caption per image per epoch, drawn afresh each epoch (the CLIP paper trains on image-text pairs;
+with 5 captions per image this is the usual way to use all of them, as in open_clip's CsvDataset with multiple
+captions). Evaluation encodes every image once and every caption once, and scores a retrieval as correct
+when it finds any of the image's captions (CLIP paper, Sec. 3.1.4, zero-shot Flickr30k/COCO retrieval).
+
+Reproducibility: everything random about sample i in epoch e (its caption and its augmentation) is a pure function
+of (seed, e, i). So a run resumed mid-epoch, or run with a different number of DataLoader workers, sees exactly
+the same batches.
+"""
+
+import csv
+import io
+import json
+import random
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from tokenizer import count_tokens, tokenize
+from transform import ImageLoadError, load_image
+
+FORMATS = """Accepted caption files:
+  - Karpathy JSON: {"images": [{"filename": ..., "split": ..., "sentences": [{"raw": ...}, ...]}, ...]}
+  - Flickr8k.token.txt: lines "<image>.jpg#<n><TAB><caption>" (splits from Flickr_8k.{train,dev,test}Images.txt)
+  - JSON list: [{"image": "path", "caption": ["...", ...]}, ...]  (optional "split" per entry)
+  - CSV with the header "image,caption" (optional "split" column), one row per caption"""
+
+
+class Record(NamedTuple):
+    image: str  # image path relative to the image root, with "/" separators
+    captions: list  # every caption of this image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading caption files. Each reader returns rows (image, [captions], split or None).
+
+
+def _karpathy(data):
+    rows = []
+    for im in data["images"]:
+        image = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]  # COCO: val2014/x.jpg
+        split = "train" if im.get("split") == "restval" else im.get("split")  # COCO's restval is extra training data
+        rows.append((image, [s["raw"] for s in im["sentences"]], split))
+    return rows
+
+
+def _tutorial_list(data):
+    return [(im["image"], [im["caption"]] if isinstance(im["caption"], str) else list(im["caption"]), im.get("split"))
+            for im in data]
+
+
+def _flickr8k(path, text):
+    captions = {}  # image -> captions, in first-seen order (dicts keep insertion order)
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            if "\t" not in line or "#" not in line.split("\t")[0]:
+                raise ValueError(f"{path}, line {n}: expected '<image>#<n><TAB><caption>', got {line[:80]!r}")
+            name, caption = line.split("\t", 1)
+            captions.setdefault(name.rsplit("#", 1)[0], []).append(caption.strip())
+    split_of = {}  # official split lists; images in none of them (e.g. the stray "...jpg.1") get no split
+    for split, tag in [("train", "train"), ("val", "dev"), ("test", "test")]:
+        list_file = path.parent / f"Flickr_8k.{tag}Images.txt"
+        if list_file.exists():
+            split_of.update((name, split) for name in list_file.read_text().split())
+    return [(image, caps, split_of.get(image)) for image, caps in captions.items()]
+
+
+def _csv(path, text):
+    rows = csv.reader(io.StringIO(text))  # the csv module handles quoted captions with commas and "" quotes
+    header = [h.strip().lower() for h in next(rows)]
+    col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
+    grouped = {}  # image -> [captions, split], in first-seen order
+    for n, row in enumerate(rows, 2):
+        if row:
+            if len(row) != len(header):
+                raise ValueError(f"{path}, row {n}: {len(row)} fields, the header has {len(header)} (unquoted comma?)")
+            entry = grouped.setdefault(row[col["image"]].strip(), [[], row[col["split"]] if "split" in col else None])
+            entry[0].append(row[col["caption"]].strip())
+    return [(image, caps, split) for image, (caps, split) in grouped.items()]
+
+
+def read_captions(path, split=None):
+    """Read a caption file -> [Record(image, captions)], all images or those of one split (train/val/test)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: drops the byte-order mark that spreadsheets write
+    first_line = text.lstrip().split("\n", 1)[0].strip()
+    try:
+        if first_line[:1] in ("{", "["):
+            data = json.loads(text)
+            if isinstance(data, dict) and "images" in data:
+                rows = _karpathy(data)
+            elif isinstance(data, list) and all(isinstance(d, dict) and "image" in d and "caption" in d for d in data):
+                rows = _tutorial_list(data)
+            else:
+                raise ValueError("JSON, but neither a Karpathy file nor an image/caption list")
+        elif re.match(r"[^\t]+#\d+\t", first_line):
+            rows = _flickr8k(path, text)
+        elif {"image", "caption"} <= {h.strip().lower() for h in next(csv.reader([first_line]), [])}:
+            rows = _csv(path, text)
+        else:
+            raise ValueError("unrecognised content")
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"Cannot read caption file {path}: {type(e).__name__}: {e}\n{FORMATS}") from e
+    rows = [(image.replace("\\", "/"), caps, s) for image, caps, s in rows]  # Windows paths in tutorial files
+    if split is None:
+        return [Record(image, caps) for image, caps, _ in rows]
+    available = sorted({s for *_, s in rows if s is not None})
+    if not available:
+        raise ValueError(f"{path} has no split information, so split={split!r} cannot be selected. Pass split=None "
+                         f"for all {len(rows)} images, or add a split (a 'split' field or column; for Flickr8k, "
+                         f"the Flickr_8k.{{train,dev,test}}Images.txt lists next to the file).")
+    if split not in available:
+        raise ValueError(f"{path} has no split {split!r}; its splits are: {', '.join(available)}")
+    return [Record(image, caps) for image, caps, s in rows if s == split]
+
+
+def check_images(records, image_root):
+    """Fail before training starts if any image file is missing, naming the first few and the root used."""
+    root = Path(image_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image root {root.resolve()} is not a folder.")
+    missing = [r.image for r in records if not (root / r.image).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(records)} images are missing under the image root "
+                                f"{root.resolve()}, for example:\n  " + "\n  ".join(missing[:5]))
+
+
+def count_truncated(records, context_length=77):
+    """How many captions are longer than context_length - 2 tokens (room for SOT and EOT) and will be cut."""
+    return sum(count_tokens(c) > context_length - 2 for r in records for c in r.captions)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def sample_rng(seed, epoch, index):
+    """A random.Random that depends only on (seed, epoch, index): not on the worker, the order or the history.
+    A str seed is hashed with SHA-512, so it is the same in every process and Python version."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class BadSample(NamedTuple):
+    """Returned instead of (image, tokens) when an image cannot be read; collate_skip_bad drops it."""
+    path: str
+    error: str
+
+
+class CaptionTrainDataset(Dataset):
+    """Image i with one of its captions, drawn afresh each epoch -> (image (3, H, W), tokens (context_length,))."""
+
+    def __init__(self, records, image_root, transform, context_length=77, seed=0):
+        self.records, self.image_root, self.transform = records, Path(image_root), transform
+        self.context_length, self.seed, self.epoch = context_length, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        # key is an index, or an (epoch, index) pair from EpochSampler. DataLoader workers hold their own copy of
+        # the dataset (kept across epochs with persistent_workers), so set_epoch() on the main process's copy would
+        # not reach them; the sampler runs in the main process and hands the epoch to the workers with each index.
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        rng = sample_rng(self.seed, epoch, i)
+        record = self.records[i]
+        caption = rng.choice(record.captions)
+        path = self.image_root / record.image
+        try:
+            image = load_image(path)
+        except ImageLoadError as e:  # a bad file must not kill a long run: mark it, collate_skip_bad drops it
+            return BadSample(str(path), str(e))
+        with torch.random.fork_rng(devices=[]):  # the augmentation's torch RNG, seeded per sample, then restored
+            torch.manual_seed(rng.getrandbits(63))
+            pixels = self.transform(image)
+        return pixels, tokenize(caption, self.context_length, truncate=True)[0]
+
+
+def collate_skip_bad(batch):
+    """Stack the good samples -> (images (B, 3, H, W), tokens (B, L), bad_paths); B may be below batch_size, even 0."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad_paths = [b.path for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad_paths
+    images, tokens = default_collate(good)
+    return images, tokens, bad_paths
+
+
+class CaptionEvalDataset(Dataset):
+    """Every image once, as (image (3, H, W), image index), plus every caption once in .captions, with the index of
+    its image in .caption_image. captions_per_image=1 keeps only the first caption (the tutorial's protocol)."""
+
+    def __init__(self, records, image_root, transform, captions_per_image=None):
+        assert captions_per_image in (None, 1), "captions_per_image is None (all captions) or 1 (the first)"
+        self.records, self.image_root, self.transform = records, Path(image_root), transform
+        self.captions = [c for r in records for c in r.captions[:captions_per_image]]
+        self.caption_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions[:captions_per_image]],
+                                          dtype=torch.long)  # (num_captions,)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        # No skipping here: a missing image would shift every index after it. ImageLoadError names the file.
+        return self.transform(load_image(self.image_root / self.records[i].image)), i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and loading
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that is a pure function of (seed, epoch), which can start part-way through an epoch.
+
+    Yields (epoch, index) pairs, see CaptionTrainDataset.__getitem__. To resume after k batches of an epoch,
+    set_epoch(epoch, start=k * batch_size): with drop_last=True, batches are consecutive slices of the order,
+    so the remaining batches are exactly those an uninterrupted run would have seen."""
+
+    def __init__(self, n, seed=0, shuffle=True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def order(self):
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(sample_rng(self.seed, self.epoch, "order").getrandbits(63))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self.order()[self.start:]])
+
+    def __len__(self):
+        return max(self.n - self.start, 0)
+
+
+def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu"):
+    """The DataLoader settings we use.
+
+    train=True: EpochSampler order (call loader.sampler.set_epoch(epoch, start) before each epoch); drop_last, so
+    every step has batch_size pairs (the contrastive loss has a fixed number of negatives); collate_skip_bad, so
+    batches are (images, tokens, bad_paths). train=False: dataset order, every sample, the default collate.
+    Both: pin_memory on CUDA (faster host-to-GPU copies), persistent workers (no restart cost per epoch)."""
+    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=torch.device(device).type == "cuda")
+    if train:
+        return DataLoader(dataset, sampler=EpochSampler(len(dataset), seed), drop_last=True,
+                          collate_fn=collate_skip_bad, **common)
+    return DataLoader(dataset, shuffle=False, **common)
