@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - create .venv, install requirements.txt, train the default model (python train.py), evaluate it (python test.py)
+#   make test  - create .venv, install requirements-dev.txt (adds pytest and the reference implementations), run the tests
+PY := .venv/bin/python
+
+.PHONY: run test bench clean
+
+.venv/runtime.stamp: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+.venv/dev.stamp: .venv/runtime.stamp requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+run: .venv/runtime.stamp
+	$(PY) train.py
+	$(PY) test.py
+
+test: .venv/dev.stamp
+	$(PY) -m pytest -q
+
+bench: .venv/dev.stamp
+	$(PY) bench.py all
+
+clean:
+	rm -rf .venv out

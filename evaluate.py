@@ -1,0 +1,255 @@
+"""
+Zero-shot image <-> text retrieval: Recall@K on a caption test split (Flickr8k/30k, COCO, or the built-in shapes).
+
+The protocol of the CLIP paper's zero-shot Flickr30k / MSCOCO retrieval results (Radford et al. 2021,
+https://arxiv.org/abs/2103.00020), as computed by LAION's CLIP_benchmark (clip_benchmark/metrics/zeroshot_retrieval.py):
+  1) encode every image once and every caption once, L2-normalise; similarity = cosine = dot product
+  2) text -> image ("image retrieval"): each caption queries all images. A hit at k if its image is among
+     the k most similar images. Averaged over captions (5,000 for a 1K-image test set).
+  3) image -> text ("text retrieval"): each image queries all captions. A hit at k if ANY of its captions is
+     among the k most similar captions. Averaged over images.
+Protocols: "5cap" keeps every caption of each image (5 for Flickr and COCO): the paper's numbers. "1cap" keeps only
+the first caption, as the MiniClip Flickr tutorial this project follows does (shared/seeds/004). Its numbers are
+not comparable: one caption instead of five costs about 20 points of image -> text R@1 (openai/CLIP issue #115).
+
+Ties. Equal scores happen for real: duplicated images, and identical captions (COCO has many "A man riding a wave
+on a surfboard."). We break them by index, lower first, so the numbers do not depend on the search library.
+FAISS does not promise that order (faiss 1.15 returns tied items highest index first, and at the cut-off k it may
+keep any of them), so faiss_ranked() re-sorts ties and re-searches the rare rows where a tie straddles the cut.
+brute_force_recall() computes the same definition from the full similarity matrix; the tests hold the two equal.
+
+References: FAISS (Johnson et al. 2017, https://arxiv.org/abs/1702.08734; https://github.com/facebookresearch/faiss),
+CLIP_benchmark (https://github.com/LAION-AI/CLIP_benchmark).
+
+Usage: python evaluate.py --config model_configs/MiniCLIP-S-64px.json [--checkpoint out/ckpt.pt]
+"""
+import argparse
+import json
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import CaptionEvalDataset, make_loader
+from tokenizer import count_tokens, tokenize
+from transform import image_transform
+
+try:
+    import faiss
+except ImportError:  # FAISS is optional: brute_force_recall computes the same numbers with torch
+    faiss = None
+
+KS = (1, 5, 10)
+PROTOCOLS = {"5cap": None, "1cap": 1}  # protocol -> captions_per_image of CaptionEvalDataset (None = all)
+
+# -----------------------------------------------------------------------------
+# Encoding: batches through a DataLoader, no autograd, bf16 autocast on CUDA
+
+
+def _autocast(device):
+    # bf16 autocast runs the matmuls in bfloat16 on the GPU (about 2x faster); the features are cast back to float32
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _device(model, device):
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@torch.inference_mode()  # like no_grad, and also skips autograd's version counters
+def encode_images(model, dataset, batch_size=256, workers=2, device=None, progress=True):
+    """CaptionEvalDataset -> (n_images, embed_dim) float32 numpy array of L2-normalised image features."""
+    device = _device(model, device)
+    loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)  # pinned memory on CUDA
+    features, order = [], []
+    for images, index in tqdm(loader, desc="encode images", disable=not progress):
+        with _autocast(device):
+            x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
+        features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
+        order.append(index)
+    assert torch.equal(torch.cat(order), torch.arange(len(dataset))), "images came back out of order"
+    return torch.cat(features).numpy()
+
+
+@torch.inference_mode()
+def encode_texts(model, captions, batch_size=1024, device=None, progress=True):
+    """List of captions -> (n_captions, embed_dim) float32 numpy array of L2-normalised text features.
+    Captions longer than the context are truncated (tokenize keeps EOT, which is where the text is pooled)."""
+    device = _device(model, device)
+    to_tokens = partial(tokenize, context_length=model.config.text.context_length)  # list of str -> (B, L)
+    loader = DataLoader(captions, batch_size=batch_size, collate_fn=to_tokens, pin_memory=device.type == "cuda")
+    features = []
+    for tokens in tqdm(loader, desc="encode texts", disable=not progress):
+        with _autocast(device):
+            x = model.encode_text(tokens.to(device, non_blocking=True))  # (B, embed_dim)
+        features.append(F.normalize(x.float(), dim=-1).cpu())
+    return torch.cat(features).numpy()
+
+# -----------------------------------------------------------------------------
+# Recall@K. Both directions are one problem: queries search a database; database item j is a positive for
+# query i when database_label[j] == query_label[i].
+#   text -> image: queries = captions (label: their image), database = images (label: own index)
+#   image -> text: queries = images (label: own index), database = captions (label: their image)
+
+
+def _directions(image_features, text_features, caption_image):
+    images = np.arange(len(image_features))
+    return {"text_to_image": (text_features, caption_image, image_features, images),
+            "image_to_text": (image_features, images, text_features, caption_image)}
+
+
+def _sort_ties_by_id(scores, ids):
+    order = np.lexsort((ids, -scores), axis=1)  # by score, highest first; equal scores: lower id first
+    return np.take_along_axis(ids, order, axis=1)
+
+
+def faiss_ranked(queries, database, k):
+    """(n_queries, min(k, n)) ids of the best database items per query, by inner product, ties by lower id.
+
+    On unit vectors the inner product IS the cosine similarity, and |x - y|^2 = 2 - 2 <x, y>, so IndexFlatIP ranks
+    exactly like the tutorial's IndexFlatL2 (up to rounding), and its scores are the CLIP logits / logit_scale."""
+    n = len(database)
+    k = min(k, n)
+    index = faiss.IndexFlatIP(database.shape[1])  # exact search: every query against every vector, no training
+    index.add(database)
+    scores, ids = index.search(queries, min(k + 1, n))  # one extra result shows whether a tie crosses the cut
+    ranked = _sort_ties_by_id(scores, ids)[:, :k]
+    if k < n:
+        # If result k and k+1 tie, FAISS may have left out tied items with lower ids that belong in the top k.
+        # Only exact duplicates do this, so it is rare: search those rows over the whole database.
+        straddle = scores[:, k - 1] == scores[:, k]
+        if straddle.any():
+            ranked[straddle] = _sort_ties_by_id(*index.search(queries[straddle], n))[:, :k]
+    return ranked
+
+
+def recall_at_k(image_features, text_features, caption_image, ks=KS):
+    """Recall@k both ways with FAISS exact search, as fractions in [0, 1].
+    image_features (n_images, d) and text_features (n_captions, d): L2-normalised; caption_image (n_captions,): the
+    index of each caption's image. Returns {"text_to_image": {"R@1": ..}, "image_to_text": {..}}."""
+    if faiss is None:
+        return brute_force_recall(image_features, text_features, caption_image, ks)
+    image_features, text_features = (np.ascontiguousarray(x, dtype=np.float32) for x in (image_features, text_features))
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    results = {}
+    for direction, (queries, query_label, database, database_label) in _directions(
+            image_features, text_features, caption_image).items():
+        ranked = faiss_ranked(queries, database, max(ks))  # (n_queries, K)
+        hit = database_label[ranked] == query_label[:, None]  # (n_queries, K): is result j a positive?
+        results[direction] = {f"R@{k}": int(hit[:, :k].any(axis=1).sum()) / len(hit) for k in ks}
+    return results
+
+
+def rank_of_best_positive(scores, positive):
+    """(rows, n) scores and positive mask -> (rows,) 0-based rank of the best-ranked positive when each row is sorted
+    by score, equal scores by lower index; inf for a row without positives."""
+    best = scores.masked_fill(~positive, -torch.inf).amax(dim=1, keepdim=True)  # (rows, 1) best positive score
+    cols = torch.arange(scores.shape[1])
+    first = torch.where(positive & (scores == best), cols, scores.shape[1]).amin(dim=1, keepdim=True)  # its index
+    ahead = (scores > best) | ((scores == best) & (cols < first))  # (rows, n) items ranked before it
+    return ahead.sum(dim=1).float().masked_fill(~positive.any(dim=1), torch.inf)
+
+
+def brute_force_recall(image_features, text_features, caption_image, ks=KS, chunk=1024):
+    """recall_at_k from the full similarity matrix in torch, `chunk` query rows at a time: the tests' oracle,
+    and the fallback without FAISS."""
+    image_features, text_features = (torch.as_tensor(x, dtype=torch.float32) for x in (image_features, text_features))
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long)
+    results = {}
+    for direction, (queries, query_label, database, database_label) in _directions(
+            image_features, text_features, caption_image).items():
+        query_label = torch.as_tensor(query_label)
+        database_label = torch.as_tensor(database_label)
+        ranks = torch.cat([rank_of_best_positive(queries[i:i + chunk] @ database.T,  # (chunk, n) cosine similarities
+                                                 query_label[i:i + chunk, None] == database_label[None, :])
+                           for i in range(0, len(queries), chunk)])
+        results[direction] = {f"R@{k}": int((ranks < k).sum()) / len(ranks) for k in ks}
+    return results
+
+# -----------------------------------------------------------------------------
+# The whole evaluation
+
+
+def save_features(save_dir, image_features, text_features, dataset, results):
+    """Features as .npy next to their ids, so they can be searched again (e.g. a FAISS demo) without the model."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    np.save(save_dir / "image_features.npy", image_features)  # row i: dataset.records[i].image
+    np.save(save_dir / "text_features.npy", text_features)  # row j: dataset.captions[j]
+    ids = {"images": [r.image for r in dataset.records], "captions": dataset.captions,
+           "caption_image": dataset.caption_image.tolist()}
+    (save_dir / "ids.json").write_text(json.dumps(ids, ensure_ascii=False))
+    (save_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def evaluate_retrieval(model, records, image_root, protocol="5cap", split_name="test", batch_size=256, workers=2,
+                       device=None, save_dir=None, progress=True):
+    """Encode `records` (from data.read_captions) and compute Recall@1/5/10 both ways -> dict with split, protocol,
+    images, captions, truncated_captions, text_to_image and image_to_text (fractions in [0, 1])."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if not records:
+        raise ValueError(f"no images to evaluate in {split_name}")
+    transform = image_transform(model.config.vision.image_size)  # the eval transform: resize, centre crop
+    dataset = CaptionEvalDataset(records, image_root, transform, captions_per_image=PROTOCOLS[protocol])
+    context_length = model.config.text.context_length
+    was_training = model.training
+    model.eval()
+    try:
+        image_features = encode_images(model, dataset, batch_size, workers, device, progress)
+        text_features = encode_texts(model, dataset.captions, batch_size, device, progress)
+    finally:
+        model.train(was_training)
+    results = {"split": split_name, "protocol": protocol, "images": len(image_features), "captions": len(text_features),
+               "truncated_captions": sum(count_tokens(c) > context_length - 2 for c in dataset.captions),
+               **recall_at_k(image_features, text_features, dataset.caption_image.numpy())}
+    if save_dir is not None:
+        save_features(save_dir, image_features, text_features, dataset, results)
+    return results
+
+
+def format_results(results):
+    """A header line and a small R@K table in percent."""
+    ks = list(results["text_to_image"])
+    lines = [f"{results['split']} ({results['protocol']} protocol): {results['images']} images, "
+             f"{results['captions']} captions"]
+    if results.get("truncated_captions"):
+        lines[0] += f" ({results['truncated_captions']} truncated to the context length)"
+    lines.append(f"{'':13s}" + "".join(f"{k:>8s}" for k in ks))
+    for direction, name in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
+        lines.append(f"{name:13s}" + "".join(f"{100 * results[direction][k]:8.2f}" for k in ks))
+    return "\n".join(lines)
+
+
+def main():
+    from data import read_captions
+    from model import CLIP, CLIPConfig, load_checkpoint
+    from synthetic import ensure_shapes
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="weights for load_checkpoint; without it: random weights from --config")
+    p.add_argument("--config", help="model_configs/*.json (optional with --checkpoint)")
+    p.add_argument("--captions", help="caption file (default: the built-in shapes dataset)")
+    p.add_argument("--images", help="image root (default: images/ next to the caption file)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--protocol", default="5cap", choices=list(PROTOCOLS))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-dir", help="write the features, their ids and the results here")
+    args = p.parse_args()
+    if not (args.checkpoint or args.config):
+        p.error("give --checkpoint and/or --config")
+    model = load_checkpoint(args.checkpoint, args.config) if args.checkpoint else CLIP(CLIPConfig.from_json(args.config))
+    captions = Path(args.captions) if args.captions else ensure_shapes()
+    records = read_captions(captions, args.split)
+    results = evaluate_retrieval(model.to(args.device), records, args.images or captions.parent / "images", args.protocol,
+                                 f"{captions.stem} {args.split}", args.batch_size, args.workers, args.device, args.save_dir)
+    print(format_results(results))
+
+
+if __name__ == "__main__":
+    main()

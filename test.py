@@ -1,0 +1,133 @@
+"""
+Evaluations of a trained or released CLIP (CLIP paper section 3: zero-shot transfer and retrieval).
+
+    python test.py                       # the default run (python train.py): zero-shot demo + test-split retrieval
+    python test.py zeroshot --checkpoint model_hub/TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt \
+        --image dog.jpg --text "a dog" "a cat" "a fish" "a pig"
+    python test.py retrieval --checkpoint CKPT --data dataset_flickr30k.json --images flickr30k-images \
+        [--split test] [--protocol 5cap|1cap] [--json results.json]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, load_checkpoint
+from tokenizer import tokenize
+from transform import ImageLoadError, image_transform, load_image
+
+ROOT = Path(__file__).resolve().parent
+MODEL_HUB = ROOT / "model_hub"
+DEFAULT_RUN = ROOT / "out" / "shapes" / "last.pt"
+TINYCLIP_URL = "https://github.com/wkcn/TinyCLIP-model-zoo/releases/download/checkpoints/"
+
+
+def find_tinyclip():
+    """The first TinyCLIP checkpoint (file or Hugging Face directory) under model_hub/."""
+    found = sorted(MODEL_HUB.glob("TinyCLIP*")) + sorted(MODEL_HUB.glob("*/TinyCLIP*"))
+    if not found:
+        sys.exit(f"error: no --checkpoint given and no TinyCLIP checkpoint in {MODEL_HUB}/.\n"
+                 f"Download one (e.g. {TINYCLIP_URL}TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt) into {MODEL_HUB}/, "
+                 "or pass --checkpoint PATH.")
+    return found[0]
+
+
+@torch.no_grad()
+def zero_shot(model, images, texts):
+    """Cosine similarity of each image with each text, and the softmax over texts of logit_scale * cosine
+    (CLIP's zero-shot classifier, section 3.1.2). Returns two (n_images, n_texts) tensors."""
+    preprocess = image_transform(model.config.vision.image_size)
+    pixels = torch.stack([preprocess(im) for im in images])  # (N, 3, H, W)
+    image_features = model.encode_image(pixels, normalize=True)
+    text_features = model.encode_text(tokenize(texts, model.config.text.context_length), normalize=True)
+    cosine = image_features @ text_features.T  # (N, T)
+    return cosine, (model.logit_scale.exp() * cosine).softmax(dim=-1)
+
+
+def print_zero_shot(names, texts, cosine, probs):
+    width = max(len(t) for t in texts)
+    for name, cos_row, prob_row in zip(names, cosine, probs):
+        print(f"\n{name}")
+        for i in prob_row.argsort(descending=True).tolist():
+            print(f"  {texts[i]:<{width}}  cosine {cos_row[i]:+.4f}  prob {100 * prob_row[i]:6.2f}%")
+
+
+def cmd_zeroshot(args):
+    model = load_checkpoint(args.checkpoint or find_tinyclip(), config=args.config, verbose=True)
+    images = [load_image(p) for p in args.image]
+    print_zero_shot(args.image, args.text, *zero_shot(model, images, args.text))
+
+
+def cmd_retrieval(args):
+    from data import read_captions
+    from evaluate import evaluate_retrieval, format_results
+    model = load_checkpoint(args.checkpoint, config=args.config, verbose=True)
+    records = read_captions(args.data, args.split or None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate_retrieval(model.to(device), records, args.images, protocol=args.protocol,
+                                 split_name=args.split or "all", batch_size=args.batch_size, workers=args.workers,
+                                 device=device, save_dir=args.save_features)
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+def cmd_default(args):
+    """After `python train.py`: a zero-shot demo on a few built-in test images, then retrieval on the test split."""
+    from data import read_captions
+    from synthetic import SHAPES, ensure_shapes
+    if not DEFAULT_RUN.exists():
+        sys.exit(f"error: {DEFAULT_RUN} not found: run `python train.py` first (or see `python test.py --help`)")
+    model = load_checkpoint(DEFAULT_RUN, verbose=True)
+    data = ensure_shapes()
+    records = read_captions(data, "test")
+    texts = [f"a {shape}" for shape in SHAPES]
+    picked = records[:4]
+    images = [load_image(data.parent / "images" / r.image) for r in picked]
+    print("zero-shot: which shape is in the picture? (built-in test images; the caption given is the first of five)")
+    print_zero_shot([f"{r.image}: \"{r.captions[0]}\"" for r in picked], texts, *zero_shot(model, images, texts))
+    print()
+    args.checkpoint, args.data, args.images, args.split, args.protocol = DEFAULT_RUN, data, data.parent / "images", "test", "5cap"
+    args.config = None
+    cmd_retrieval(args)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command")
+    z = sub.add_parser("zeroshot", help="cosine similarity and softmax probability of each text for each image")
+    z.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (default: a TinyCLIP file in model_hub/)")
+    z.add_argument("--config", help="model JSON (needed only for flat state dicts of OpenAI weights: QuickGELU)")
+    z.add_argument("--image", nargs="+", required=True)
+    z.add_argument("--text", nargs="+", required=True)
+    r = sub.add_parser("retrieval", help="image<->text recall@1/5/10 with FAISS exact search")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--config")
+    r.add_argument("--data", required=True, help="Karpathy JSON, Flickr8k.token.txt, list JSON or CSV")
+    r.add_argument("--images", required=True, help="image root")
+    r.add_argument("--split", default="test", help="split to evaluate ('' for every entry, e.g. the tutorial's en_val.json)")
+    r.add_argument("--protocol", choices=["5cap", "1cap"], default="5cap",
+                   help="5cap: every caption (standard); 1cap: the first caption per image (the tutorial)")
+    r.add_argument("--json", help="write the results here")
+    r.add_argument("--save-features", help="folder for the .npy features and their ids")
+    for q in (r, p):
+        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--workers", type=int, default=2)
+    p.set_defaults(save_features=None, json=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, None: cmd_default}[args.command](args)
+    except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

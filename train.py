@@ -1,0 +1,393 @@
+"""
+Contrastive training of CLIP with the symmetric InfoNCE loss, as one plain PyTorch loop (no Trainer).
+
+    python train.py                      # built-in Shapes data, small model from scratch, ~10 min on 2 CPU cores
+    python train.py --init model_hub/TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt \
+        --data dataset_flickr30k.json --images flickr30k-images --lr 1e-5 --epochs 5
+    torchrun --nproc_per_node 2 train.py ...   # DDP: NCCL on GPUs, gloo on CPU
+
+References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3 pseudocode and section 2.5
+(training details); open_clip's train.py/loss.py (https://github.com/mlfoundations/open_clip) for the
+optimizer groups, the cosine schedule and gathering features across processes; nanoGPT's train.py for the layout.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions
+from model import CLIP, CLIPConfig, load_checkpoint, save_checkpoint
+from transform import image_transform
+
+ROOT = Path(__file__).resolve().parent
+RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
+            "warmup", "grad_clip", "seed", "precision")  # what --resume takes from the checkpoint
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "model_configs" / "MiniCLIP-S-64px.json"), help="model JSON (for --init scratch)")
+    p.add_argument("--init", default="scratch", help="'scratch', or any checkpoint load_checkpoint reads (TinyCLIP .pt, HF dir, ...)")
+    p.add_argument("--data", default=None, help="caption file (Karpathy JSON, Flickr8k.token.txt, list JSON, CSV); default: built-in Shapes")
+    p.add_argument("--images", default=None, help="image root of --data")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val", help="split for --eval-every ('' to skip)")
+    p.add_argument("--test-split", default="test", help="split evaluated once at the end ('' to skip)")
+    p.add_argument("--out", default=str(ROOT / "out" / "shapes"), help="run directory: last.pt, metrics.jsonl, plot")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
+    p.add_argument("--batch-size", type=int, default=128, help="per process; the loss sees batch-size x processes pairs")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, embeddings, logit_scale)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (also saved at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation recall evaluations (0: end only)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE (CLIP Figure 3): the i-th image and the i-th caption are the positive pair, every other
+    pairing in the batch is a negative. Cross-entropy over each row (image -> captions) and each column
+    (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised."""
+    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+    logits_per_text = logits_per_image.T  # (B, B)
+    labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def gather_with_grad(x):
+    """All processes' features, concatenated in rank order, so the loss sees the global batch as negatives.
+    torch.distributed.nn.all_gather passes gradients back to each process's own shard (a plain dist.all_gather
+    would cut the graph). Every process then computes the same global loss; DDP averages the gradients, which
+    gives exactly the single-process gradient on the global batch (open_clip loss.py, gather_with_grad)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn  # registers the autograd-aware collectives
+    return torch.cat(torch.distributed.nn.all_gather(x), dim=0)  # (world * B, D)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def configure_optimizer(model, lr, wd):
+    """AdamW with betas (0.9, 0.98), eps 1e-6 (CLIP section 2.5). Weight decay applies to matrices only: gains,
+    biases, class/positional embeddings and logit_scale are excluded (decaying the temperature or the position
+    table towards zero is not a sensible prior)."""
+    def no_decay(name, p):
+        return p.ndim < 2 or name.endswith(("class_embedding", "positional_embedding")) or name == "logit_scale"
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if not no_decay(n, p)]
+    other = [p for n, p in params if no_decay(n, p)]
+    print(f"optimizer: {len(decay)} tensors with weight decay {wd}, {len(other)} without")
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def get_lr(step, peak, warmup, total):
+    """Linear warmup to the peak, then cosine decay to 0 (open_clip cosine_lr)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * peak
+
+
+# -----------------------------------------------------------------------------
+# Setup: processes, device, precision
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def pick_device(name, local_rank):
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device, precision):
+    """Mixed precision keeps fp32 master weights and runs matmuls in bf16/fp16 (never .half() the model:
+    plain fp16 weights and Adam give NaNs, openai/CLIP issue #40). fp16 also needs a GradScaler."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        sys.exit("error: --precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Cuts the epoch order (data.EpochSampler) into global batches and yields this process's slice of each,
+    so N processes with batch B see exactly what one process with batch N*B sees. drop_last: every step has
+    the same number of negatives."""
+
+    def __init__(self, sampler, batch_size, rank, world):
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __iter__(self):
+        keys, g, b = list(self.sampler), self.batch_size * self.world, self.batch_size
+        for start in range(0, len(keys) - g + 1, g):
+            yield keys[start + self.rank * b: start + (self.rank + 1) * b]
+
+    def __len__(self):
+        return len(self.sampler) // (self.batch_size * self.world)
+
+
+def build_data(args, image_size, context_length, device, rank, world):
+    if args.data is None:  # the built-in dataset, generated on first use
+        from synthetic import ensure_shapes
+        args.data = str(ensure_shapes()) if rank == 0 else None
+        if world > 1:  # wait until rank 0 has generated it
+            dist.barrier()
+            args.data = str(ensure_shapes())
+        args.images = args.images or str(Path(args.data).parent / "images")
+    if args.images is None:
+        sys.exit("error: --images DIR is required with --data (the folder the caption file's image paths are relative to)")
+    records = read_captions(args.data, args.train_split)
+    check_images(records, args.images)
+    truncated = count_truncated(records, context_length)
+    print(f"data: {args.data} [{args.train_split}]: {len(records)} images, {sum(len(r.captions) for r in records)} captions"
+          + (f", {truncated} captions longer than {context_length} tokens will be truncated" if truncated else ""))
+    dataset = CaptionTrainDataset(records, args.images, image_transform(image_size, is_train=True), context_length, args.seed)
+    sampler = EpochSampler(len(dataset), args.seed)
+    batches = ShardedBatches(sampler, args.batch_size, rank, world)
+    if len(batches) == 0:
+        sys.exit(f"error: {len(dataset)} training images are fewer than one global batch of {args.batch_size * world}")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def equalise_batch(images, tokens, world):
+    """A skipped unreadable image makes one process's batch smaller; all_gather needs equal sizes, so every
+    process trims its batch to the smallest one."""
+    if world == 1:
+        return images, tokens
+    n = torch.tensor([images.shape[0]], device=images.device if images.is_cuda else "cpu")
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return images[:n.item()], tokens[:n.item()]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logging
+
+
+def save_state(path, model, optimizer, scaler, step, args):
+    """Everything needed to continue exactly: weights + config (model.save_checkpoint), optimizer moments,
+    scaler, step, RNG states and the arguments. Tensors and plain containers only (weights_only-safe)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    save_checkpoint(path, model, step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    scheduler={"name": "cosine", "peak_lr": args.lr, "warmup": args.warmup, "total_steps": args.total_steps},
+                    rng=rng, args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
+
+
+def restore_state(path, model, optimizer, scaler):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["args"]
+
+
+def log_metrics(out, record):
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(model, args, split, device):
+    """Image<->text recall on one split of the training data (evaluate.py; FAISS exact search)."""
+    from evaluate import evaluate_retrieval, format_results
+    records = read_captions(args.data, split)
+    results = evaluate_retrieval(model, records, args.images, protocol="5cap", split_name=split,
+                                 batch_size=256, workers=args.workers, device=device)
+    print(format_results(results))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
+    """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss is not finite."""
+    with ctx:
+        image_features, text_features, logit_scale = model(images, tokens)
+        loss = clip_loss(gather_with_grad(image_features), gather_with_grad(text_features), logit_scale)
+    if not torch.isfinite(loss):  # skip: one bad batch must not poison the weights
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), None
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP section 2.5: the temperature is clipped so the logits are scaled by at most 100
+        raw_model(model).logit_scale.clamp_(0, math.log(100))
+    return loss.item(), grad_norm.item()
+
+
+def raw_model(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, local_rank = setup_distributed()
+    master = rank == 0
+    if not master:  # only rank 0 prints, logs, saves and evaluates
+        sys.stdout = open(os.devnull, "w")
+    device = pick_device(args.device, local_rank)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
+    if args.resume:
+        if not ckpt_path.exists():
+            sys.exit(f"error: --resume: {ckpt_path} does not exist (run without --resume to start)")
+        # a resumed run is the same run: what defines it (data, model, schedule) comes from the checkpoint.
+        # To train longer with another schedule, start a new run with --init OUT/last.pt instead.
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
+        for key in RUN_KEYS:
+            setattr(args, key, saved[key])
+    elif ckpt_path.exists() and master:
+        sys.exit(f"error: {ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    if args.init == "scratch":
+        model = CLIP(CLIPConfig.from_json(args.config))
+    else:
+        model = load_checkpoint(args.init, verbose=True)
+    cfg = model.config
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters ({args.init}), device {device}, precision {args.precision}, {world} process(es)")
+    loader, sampler = build_data(args, cfg.vision.image_size, cfg.text.context_length, device, rank, world)
+    steps_per_epoch = len(loader)
+    args.total_steps = args.max_steps or args.epochs * steps_per_epoch
+    optimizer = configure_optimizer(model, args.lr, args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    step = 0
+    if args.resume:
+        step, _ = restore_state(ckpt_path, model, optimizer, scaler)
+        print(f"resumed from {ckpt_path} at step {step}")
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    ctx = autocast_context(device, args.precision)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    print(f"training: {args.total_steps} steps ({steps_per_epoch} per epoch), global batch {args.batch_size * world}")
+
+    bad_images, non_finite, t_start = 0, 0, time.time()
+    bar = tqdm(total=args.total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < args.total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size * world)
+        model.train()
+        t_data = time.time()
+        for images, tokens, bad in loader:
+            if bad:
+                bad_images += len(bad)
+                tqdm.write(f"warning: skipped {len(bad)} unreadable image(s), {bad_images} so far: {bad[0]}")
+            images, tokens = equalise_batch(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True), world)
+            t_step = time.time()
+            lr = get_lr(step, args.lr, args.warmup, args.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(ddp_model, images, tokens, optimizer, scaler, ctx, args.grad_clip)
+            step += 1
+            t_end = time.time()
+            if grad_norm is None:
+                non_finite += 1
+                tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({non_finite} in a row)")
+                if non_finite >= 5:
+                    if master:
+                        save_state(ckpt_path, model, optimizer, scaler, step - 1, args)
+                    sys.exit(f"error: {non_finite} non-finite losses in a row: stopping (weights before them are in "
+                             f"{ckpt_path}); try a lower --lr or --precision fp32/bf16")
+            else:
+                non_finite = 0
+            scale = model.logit_scale.exp().item()
+            samples_per_s = images.shape[0] * world / (t_end - t_data)
+            if master:
+                log_metrics(out, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "logit_scale": scale,
+                                  "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+                                  "data_wait": (t_step - t_data) / (t_end - t_data), "bad_images": bad_images})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{samples_per_s:.0f}")
+                bar.update(1)
+                if step % args.save_every == 0 or step == args.total_steps:
+                    save_state(ckpt_path, model, optimizer, scaler, step, args)
+                if args.eval_every and step % args.eval_every == 0 and args.val_split:
+                    results = evaluate(model, args, args.val_split, device)
+                    log_metrics(out, {"step": step, "val": results})
+                    model.train()
+            if world > 1 and args.eval_every and step % args.eval_every == 0:
+                dist.barrier()  # the others wait while rank 0 evaluates (no collectives inside evaluation)
+            if step >= args.total_steps:
+                break
+            t_data = time.time()
+    bar.close()
+    print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
+    if master:
+        finish(model, args, device, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def finish(model, args, device, out):
+    """Final evaluation (validation, then the test split, read once, here) and the plot."""
+    model.eval()
+    for split, name in ((args.val_split, "val"), (args.test_split, "test")):
+        if split:
+            results = evaluate(model, args, split, device)
+            log_metrics(out, {"step": "final", name: results})
+            (out / f"results_{name}.json").write_text(json.dumps(results, indent=2))
+    from plot import plot_metrics
+    print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
+
+
+if __name__ == "__main__":
+    main()
