@@ -1,0 +1,140 @@
+"""train.py: the loss against the reference, a short CPU run, exact resume after SIGKILL, and DDP (2 gloo
+processes) against one process on the same global batch."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model import CLIP, CLIPConfig, load_checkpoint
+from oracles import ROOT
+from train import clip_loss, configure_optimizer, get_lr, train_step
+
+XS = str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
+
+
+def random_features(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_clip_loss_equals_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    img, txt = random_features(16, 32, 0), random_features(16, 32, 1)
+    for scale in (1.0, 14.3, 100.0):
+        want = open_clip.ClipLoss()(img, txt, torch.tensor(scale))
+        assert torch.allclose(clip_loss(img, txt, torch.tensor(scale)), want, atol=1e-6)
+
+
+def test_clip_loss_sanity():
+    img = random_features(64, 32, 0)
+    assert clip_loss(img, img, torch.tensor(100.0)) < 1e-3  # perfectly aligned pairs
+    assert abs(clip_loss(img, img, torch.tensor(0.0)) - math.log(64)) < 1e-5  # no signal: uniform over 64
+    txt = random_features(64, 32, 1)
+    assert torch.allclose(clip_loss(img, txt, torch.tensor(5.0)), clip_loss(txt, img, torch.tensor(5.0)))  # symmetric
+
+
+def test_lr_schedule():
+    lrs = [get_lr(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and abs(lrs[55] - 0.5) < 1e-9 and lrs[-1] < 1e-3
+
+
+def test_weight_decay_groups():
+    model = CLIP(CLIPConfig.from_json(XS))
+    opt = configure_optimizer(model, 1e-3, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert {"logit_scale", "positional_embedding", "visual.class_embedding", "visual.positional_embedding",
+            "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"} <= no_decay
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in no_decay
+    assert "token_embedding.weight" not in no_decay
+
+
+def test_non_finite_loss_skips_the_step():
+    model = CLIP(CLIPConfig.from_json(XS))
+    opt = configure_optimizer(model, 1e-3, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.full((4, 3, 32, 32), float("nan"))
+    tokens = torch.tensor([[49406, 320, 49407] + [0] * 13] * 4)
+    loss, grad_norm = train_step(model, images, tokens, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                 torch.autocast("cpu", enabled=False), 1.0)
+    assert grad_norm is None and not math.isfinite(loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from synthetic import generate
+    root = tmp_path_factory.mktemp("shapes")
+    return generate(root, seed=1, n_train=96, n_val=16, n_test=16, image_size=32, workers=1)
+
+
+def run_train(out, data, *extra, steps=12, batch=8, nproc=None, wait=True):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29517"] if nproc else []) + [
+        str(ROOT / "train.py"), "--config", XS, "--data", str(data), "--images", str(data.parent / "images"),
+        "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch), "--workers", "0",
+        "--warmup", "3", "--lr", "1e-3", "--val-split", "", "--test-split", "", "--save-every", "2", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(out):
+    return torch.load(out / "last.pt", weights_only=True)["model"]
+
+
+def test_short_run_learns_and_checkpoint_loads(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_train(out, tiny_data, "--val-split", "val", "--test-split", "test", steps=24)
+    ls = losses(out)
+    assert len(ls) == 24 and sum(ls[-4:]) / 4 < sum(ls[:4]) / 4  # the loss goes down
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # tensors and plain containers only
+    assert ckpt["step"] == 24 and {"model", "config", "optimizer", "scheduler", "scaler", "rng", "args"} <= set(ckpt)
+    model = load_checkpoint(out / "last.pt")
+    assert model.config == CLIPConfig.from_json(XS)
+    results = json.loads((out / "results_test.json").read_text())
+    assert results["images"] == 16 and results["captions"] == 80 and 0 <= results["text_to_image"]["R@10"] <= 1
+    assert (out / "metrics.png").exists()
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_data, tmp_path):
+    steps = 60
+    run_train(tmp_path / "straight", tiny_data, steps=steps)
+    killed = tmp_path / "killed"
+    proc = run_train(killed, tiny_data, steps=steps, wait=False)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(killed / "last.pt", weights_only=True)["step"]
+    assert killed_at < steps, "the run finished before it could be killed; make it longer"
+    run_train(killed, tiny_data, "--resume", steps=steps)
+    a, b = weights(tmp_path / "straight"), weights(killed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_ddp_two_processes_equal_one_process(tiny_data, tmp_path):
+    """2 gloo processes with batch 4 each see the same global batches as 1 process with batch 8."""
+    run_train(tmp_path / "one", tiny_data, steps=5, batch=8)
+    run_train(tmp_path / "two", tiny_data, steps=5, batch=4, nproc=2)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
