@@ -11,6 +11,8 @@ goes first also alternates), so a noisy neighbour slows both alike. open_clip (h
 is the reference implementation and only needed here and in the tests; the tutorial is shared/seeds/004.
 """
 import argparse
+import json
+import os
 import platform
 import statistics
 import sys
@@ -127,7 +129,6 @@ def tutorial_search(image_features, text_features, caption_image, k=10):
 
 
 def bench_retrieval(args, subset=200):
-    import json
     import synthetic
     from data import read_captions
     from evaluate import evaluate_retrieval, format_results
@@ -215,7 +216,6 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import os
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores | Python {sys.version.split()[0]} | torch {torch.__version__} "
           f"| threads {torch.get_num_threads()} | repeats {args.repeats}")
     sections = {"model": bench_model, "retrieval": bench_retrieval, "train": bench_train}

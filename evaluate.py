@@ -21,9 +21,8 @@ brute_force_recall() computes the same definition from the full similarity matri
 References: FAISS (Johnson et al. 2017, https://arxiv.org/abs/1702.08734; https://github.com/facebookresearch/faiss),
 CLIP_benchmark (https://github.com/LAION-AI/CLIP_benchmark).
 
-Usage: python evaluate.py --config model_configs/MiniCLIP-S-64px.json [--checkpoint out/ckpt.pt]
+Command line: python test.py retrieval --checkpoint CKPT --data CAPTIONS --images DIR (see test.py).
 """
-import argparse
 import json
 from contextlib import nullcontext
 from functools import partial
@@ -224,32 +223,3 @@ def format_results(results):
         lines.append(f"{name:13s}" + "".join(f"{100 * results[direction][k]:8.2f}" for k in ks))
     return "\n".join(lines)
 
-
-def main():
-    from data import read_captions
-    from model import CLIP, CLIPConfig, load_checkpoint
-    from synthetic import ensure_shapes
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="weights for load_checkpoint; without it: random weights from --config")
-    p.add_argument("--config", help="model_configs/*.json (optional with --checkpoint)")
-    p.add_argument("--captions", help="caption file (default: the built-in shapes dataset)")
-    p.add_argument("--images", help="image root (default: images/ next to the caption file)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--protocol", default="5cap", choices=list(PROTOCOLS))
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--save-dir", help="write the features, their ids and the results here")
-    args = p.parse_args()
-    if not (args.checkpoint or args.config):
-        p.error("give --checkpoint and/or --config")
-    model = load_checkpoint(args.checkpoint, args.config) if args.checkpoint else CLIP(CLIPConfig.from_json(args.config))
-    captions = Path(args.captions) if args.captions else ensure_shapes()
-    records = read_captions(captions, args.split)
-    results = evaluate_retrieval(model.to(args.device), records, args.images or captions.parent / "images", args.protocol,
-                                 f"{captions.stem} {args.split}", args.batch_size, args.workers, args.device, args.save_dir)
-    print(format_results(results))
-
-
-if __name__ == "__main__":
-    main()

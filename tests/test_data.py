@@ -227,6 +227,8 @@ def test_shapes_generation_is_deterministic_and_karpathy_compatible(tmp_path):
     check_images(test, tmp_path / "a" / "images")
     c = synthetic.generate(tmp_path / "c", seed=12, workers=1, **TINY)
     assert c.read_text() != a.read_text()
+    synthetic.save_preview(a, tmp_path / "preview.png", n=3)
+    assert Image.open(tmp_path / "preview.png").height > 3 * 32
 
 
 def test_shifted_style_draws_same_scenes_differently(tmp_path):

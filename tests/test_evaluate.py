@@ -124,6 +124,15 @@ def test_perfect_features_give_recall_one(recall):
     assert all(v == 1.0 for d in ("text_to_image", "image_to_text") for v in got[d].values())
 
 
+def test_without_faiss_recall_at_k_falls_back_to_brute_force(monkeypatch):
+    rng = np.random.default_rng(3)
+    images = unit(rng.standard_normal((40, 8)))
+    texts, caption_image = noisy_captions(images, 5, noise=0.5, rng=rng)
+    expected = brute_force_recall(images, texts, caption_image)
+    monkeypatch.setattr(evaluate, "faiss", None)
+    assert recall_at_k(images, texts, caption_image) == expected
+
+
 def test_fewer_items_than_k():
     images = unit(np.random.default_rng(0).standard_normal((3, 8)))
     texts, caption_image = images[[2, 1, 0]], np.array([0, 1, 2])  # all wrong at R@1, all found at R@10

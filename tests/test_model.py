@@ -14,18 +14,25 @@ open_clip = pytest.importorskip("open_clip")
 
 CONFIGS = ["TinyCLIP-ViT-8M-16-Text-3M", "TinyCLIP-ViT-39M-16-Text-19M", "TinyCLIP-ViT-40M-32-Text-19M",
            "TinyCLIP-ViT-61M-32-Text-29M", "ViT-B-32"]
-LAYOUTS = ["tinyclip", "tinyclip-module", "flat", "flat-module", "torchscript", "hf-safetensors", "hf-bin", "miniclip"]
-# the second spellings of a layout only exercise key handling, which the size does not change: test them once
-VARIANTS = {"tinyclip-module", "flat-module", "hf-bin"}
 SMALLEST = CONFIGS[0]
+
+
+def layouts(name):
+    """The layouts each config is saved in. TinyCLIP releases hold GELU models, OpenAI's TorchScript archives
+    QuickGELU ones; the second spellings (module.-prefixed, pytorch_model.bin) only exercise key handling, which
+    the size does not change, so they are tested on the smallest config."""
+    quick = json_config(name).get("quick_gelu", False)
+    out = ["flat", "hf-safetensors", "miniclip"] + (["torchscript"] if quick else ["tinyclip"])
+    return out + (["tinyclip-module", "flat-module", "hf-bin"] if name == SMALLEST else [])
+
+
+CASES = [(name, layout) for name in CONFIGS for layout in layouts(name)]
 TOL = 1e-5
 TEXTS = ["a photo of a dog", "a cat sitting on a red sofa", "a diagram", ""]
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
-def reference(request, tmp_path_factory):
+def build_reference(name, d):
     """One random-weight open_clip model per config, its outputs, and the same weights in every layout."""
-    name = request.param
     cfg = json_config(name)
     ref = openclip_model(cfg, seed=CONFIGS.index(name))
     size = cfg["vision_cfg"]["image_size"]
@@ -33,23 +40,22 @@ def reference(request, tmp_path_factory):
     tokens = open_clip.tokenize(TEXTS)
     with torch.no_grad():
         want = ref.encode_image(images), ref.encode_text(tokens)
-    d = tmp_path_factory.mktemp(name)
     files = {"tinyclip": d / "tinyclip.pt", "tinyclip-module": d / "tinyclip_module.pt", "flat": d / "flat.pt",
              "flat-module": d / "flat_module.pt", "torchscript": d / "openai_jit.pt",
              "hf-safetensors": d / "hf_st", "hf-bin": d / "hf_bin", "miniclip": d / "miniclip.pt"}
-    quick, smallest = cfg.get("quick_gelu", False), name == SMALLEST
+    wanted = layouts(name)
     save_flat(ref, files["flat"])
-    if not quick:
+    if "tinyclip" in wanted:
         save_tinyclip(ref, files["tinyclip"], style="ddp")
-    if not quick and smallest:
+    if "tinyclip-module" in wanted:
         save_tinyclip(ref, files["tinyclip-module"], style="without_ddp")
-    if smallest:
+    if "flat-module" in wanted:
         save_flat(ref, files["flat-module"], prefix="module.")
-    if quick:
+    if "torchscript" in wanted:
         save_torchscript(ref, files["torchscript"], size, 77, 49408)
     hf = hf_model(cfg, ref.state_dict())
     hf.save_pretrained(files["hf-safetensors"], safe_serialization=True)
-    if smallest:
+    if "hf-bin" in wanted:
         hf.save_pretrained(files["hf-bin"], safe_serialization=False)
     hf_want = hf_features(hf, images, tokens)
     ours = load_checkpoint(files["flat"], config=ROOT / "model_configs" / f"{name}.json")
@@ -58,20 +64,30 @@ def reference(request, tmp_path_factory):
     return dict(name=name, cfg=cfg, images=images, tokens=tokens, want=want, hf_want=hf_want, files=files)
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    cache = {}  # built once per config: only the outputs and the files are kept, not the models
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_reference(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+    return get
+
+
+@pytest.fixture(params=CONFIGS)
+def reference(request, references):
+    return references(request.param)
+
+
 def zero_shot_probs(img, txt):
     img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
     return (100 * img @ txt.T).softmax(dim=-1)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_parity(reference, layout):
-    quick = reference["cfg"].get("quick_gelu", False)
-    if layout == "torchscript" and not quick:
-        pytest.skip("OpenAI TorchScript archives hold QuickGELU models; TinyCLIP is not released in that form")
-    if layout.startswith("tinyclip") and quick:
-        pytest.skip("TinyCLIP releases hold GELU models")
-    if layout in VARIANTS and reference["name"] != SMALLEST:
-        pytest.skip(f"{layout} is tested on {SMALLEST}")
+@pytest.mark.parametrize("name, layout", CASES)
+def test_parity(references, name, layout):
+    reference = references(name)
     path = reference["files"][layout]
     config = ROOT / "model_configs" / f"{reference['name']}.json"
     with warnings.catch_warnings():
