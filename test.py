@@ -78,17 +78,16 @@ def cmd_retrieval(args):
 def cmd_default(args):
     """After `python train.py`: a zero-shot demo on a few built-in test images, then retrieval on the test split."""
     from data import read_captions
-    from synthetic import SHAPES, ensure_shapes
+    from synthetic import ensure_shapes
     if not DEFAULT_RUN.exists():
         sys.exit(f"error: {DEFAULT_RUN} not found: run `python train.py` first (or see `python test.py --help`)")
     model = load_checkpoint(DEFAULT_RUN, verbose=True)
     data = ensure_shapes()
-    records = read_captions(data, "test")
-    texts = [f"a {shape}" for shape in SHAPES]
-    picked = records[:4]
+    picked = read_captions(data, "test")[:4]
+    texts = [r.captions[0] for r in picked]  # the first caption of each picked image
     images = [load_image(data.parent / "images" / r.image) for r in picked]
-    print("zero-shot: which shape is in the picture? (built-in test images; the caption given is the first of five)")
-    print_zero_shot([f"{r.image}: \"{r.captions[0]}\"" for r in picked], texts, *zero_shot(model, images, texts))
+    print("zero-shot: which caption belongs to which picture? (4 test images, their first captions)")
+    print_zero_shot([r.image for r in picked], texts, *zero_shot(model, images, texts))
     print()
     args.checkpoint, args.data, args.images, args.split, args.protocol = DEFAULT_RUN, data, data.parent / "images", "test", "5cap"
     args.config = None

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions
-from model import CLIP, CLIPConfig, load_checkpoint, save_checkpoint
-from transform import image_transform
+from model import CheckpointError, CLIP, CLIPConfig, load_checkpoint, save_checkpoint
+from transform import ImageLoadError, image_transform
 
 ROOT = Path(__file__).resolve().parent
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
@@ -275,7 +275,13 @@ def raw_model(model):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    try:
+        run(get_args(argv))
+    except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")  # bad input: one readable line naming the file or argument, no traceback
+
+
+def run(args):
     rank, world, local_rank = setup_distributed()
     master = rank == 0
     if not master:  # only rank 0 prints, logs, saves and evaluates
