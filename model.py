@@ -240,16 +240,19 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
-        B, L = tokens.shape  # L may be shorter than context_length
-        if L > self.positional_embedding.shape[0]:
-            raise ValueError(f"tokens have {L} positions, but this model's context_length is "
+        if tokens.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"tokens have {tokens.shape[1]} positions, but this model's context_length is "
                              f"{self.positional_embedding.shape[0]}: tokenize(texts, context_length=...)")
+        # We pool at the EOT token, the only position that has seen the whole caption under the causal mask.
+        # EOT (49407) is the largest id, so argmax finds it (openai/CLIP; truncation keeps EOT last).
+        eot = tokens.argmax(dim=-1)  # (B,)
+        # The causal mask also means nothing after the last EOT can reach an EOT row: drop that padding (exact, faster)
+        tokens = tokens[:, :int(eot.max()) + 1]  # (B, L)
+        B, L = tokens.shape
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, width)
         x = self.transformer(x, causal=True)
         x = self.ln_final(x)
-        # Pool at the EOT token, the only position that has seen the whole caption under the causal mask.
-        # EOT (49407) is the largest id, so argmax finds it (openai/CLIP; truncation keeps EOT last).
-        x = x[torch.arange(B, device=x.device), tokens.argmax(dim=-1)]  # (B, width)
+        x = x[torch.arange(B, device=x.device), eot]  # (B, width)
         x = x @ self.text_projection  # (B, embed_dim)
         return F.normalize(x, dim=-1) if normalize else x
 
