@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from tqdm import tqdm
 
 from data import CaptionEvalDataset, make_loader
