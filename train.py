@@ -229,7 +229,7 @@ def restore_state(path, model, optimizer, scaler):
     random.setstate(ckpt["rng"]["python"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], ckpt["args"]
+    return ckpt["step"]
 
 
 def log_metrics(out, record):
@@ -287,57 +287,66 @@ def run(args):
     if not master:  # only rank 0 prints, logs, saves and evaluates
         sys.stdout = open(os.devnull, "w")
     device = pick_device(args.device, local_rank)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            sys.exit(f"error: --resume: {ckpt_path} does not exist (run without --resume to start)")
-        # a resumed run is the same run: what defines it (data, model, schedule) comes from the checkpoint.
-        # To train longer with another schedule, start a new run with --init OUT/last.pt instead.
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
-        for key in RUN_KEYS:
-            setattr(args, key, saved[key])
-    elif ckpt_path.exists() and master:
-        sys.exit(f"error: {ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    check_resume(args, ckpt_path)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    if args.init == "scratch":
-        model = CLIP(CLIPConfig.from_json(args.config))
-    else:
-        model = load_checkpoint(args.init, verbose=True)
-    cfg = model.config
+    model = CLIP(CLIPConfig.from_json(args.config)) if args.init == "scratch" else load_checkpoint(args.init, verbose=True)
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters ({args.init}), device {device}, precision {args.precision}, {world} process(es)")
-    loader, sampler = build_data(args, cfg.vision.image_size, cfg.text.context_length, device, rank, world)
-    steps_per_epoch = len(loader)
-    args.total_steps = args.max_steps or args.epochs * steps_per_epoch
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
+          f"precision {args.precision}, {world} process(es)")
+    loader, sampler = build_data(args, model.config.vision.image_size, model.config.text.context_length, device, rank, world)
+    args.total_steps = args.max_steps or args.epochs * len(loader)
     optimizer = configure_optimizer(model, args.lr, args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = 0
-    if args.resume:
-        step, _ = restore_state(ckpt_path, model, optimizer, scaler)
-        print(f"resumed from {ckpt_path} at step {step}")
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    ctx = autocast_context(device, args.precision)
+    step = restore_state(ckpt_path, model, optimizer, scaler) if args.resume else 0
+    ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[local_rank] if device.type == "cuda" else None)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-    print(f"training: {args.total_steps} steps ({steps_per_epoch} per epoch), global batch {args.batch_size * world}")
+    print(f"training: {args.total_steps} steps ({len(loader)} per epoch), global batch {args.batch_size * world}"
+          + (f", resuming at step {step}" if step else ""))
+    t_start = time.time()
+    step = train_loop(args, model, ddp_model, loader, sampler, optimizer, scaler, step, device, master, world)
+    print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
+    if master:
+        finish(model, args, device, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
-    bad_images, non_finite, t_start = 0, 0, time.time()
+
+def check_resume(args, ckpt_path):
+    """--resume continues OUT/last.pt; without it an existing run is never overwritten."""
+    if not args.resume:
+        if ckpt_path.exists():
+            sys.exit(f"error: {ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        return
+    if not ckpt_path.exists():
+        sys.exit(f"error: --resume: {ckpt_path} does not exist (run without --resume to start)")
+    # a resumed run is the same run: what defines it (data, model, schedule) comes from the checkpoint.
+    # To train longer with another schedule, start a new run with --init OUT/last.pt instead.
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
+    for key in RUN_KEYS:
+        setattr(args, key, saved[key])
+
+
+def train_loop(args, model, ddp_model, loader, sampler, optimizer, scaler, step, device, master, world):
+    """Epochs of steps from `step` to args.total_steps; returns the last step. A resumed run restarts part-way
+    through its epoch: the sampler skips the batches the interrupted run had already used."""
+    ctx = autocast_context(device, args.precision)
+    stats = {"bad_images": 0, "non_finite": 0}
     bar = tqdm(total=args.total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    steps_per_epoch = len(loader)  # read before set_epoch(start=...), which shortens the epoch being resumed
     while step < args.total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size * world)
         model.train()
         t_data = time.time()
         for images, tokens, bad in loader:
-            if bad:
-                bad_images += len(bad)
-                tqdm.write(f"warning: skipped {len(bad)} unreadable image(s), {bad_images} so far: {bad[0]}")
+            note_bad_images(bad, stats)
             images, tokens = equalise_batch(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True), world)
             t_step = time.time()
             lr = get_lr(step, args.lr, args.warmup, args.total_steps)
@@ -345,43 +354,55 @@ def run(args):
                 group["lr"] = lr
             loss, grad_norm = train_step(ddp_model, images, tokens, optimizer, scaler, ctx, args.grad_clip)
             step += 1
+            check_finite(loss, grad_norm, step, stats, args, model, optimizer, scaler, master)
             t_end = time.time()
-            if grad_norm is None:
-                non_finite += 1
-                tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({non_finite} in a row)")
-                if non_finite >= 5:
-                    if master:
-                        save_state(ckpt_path, model, optimizer, scaler, step - 1, args)
-                    sys.exit(f"error: {non_finite} non-finite losses in a row: stopping (weights before them are in "
-                             f"{ckpt_path}); try a lower --lr or --precision fp32/bf16")
-            else:
-                non_finite = 0
-            scale = model.logit_scale.exp().item()
-            samples_per_s = images.shape[0] * world / (t_end - t_data)
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
+                      "grad_norm": grad_norm, "samples_per_s": images.shape[0] * world / (t_end - t_data),
+                      "data_wait": (t_step - t_data) / (t_end - t_data), "bad_images": stats["bad_images"]}
             if master:
-                log_metrics(out, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "logit_scale": scale,
-                                  "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                                  "data_wait": (t_step - t_data) / (t_end - t_data), "bad_images": bad_images})
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{samples_per_s:.0f}")
-                bar.update(1)
-                if step % args.save_every == 0 or step == args.total_steps:
-                    save_state(ckpt_path, model, optimizer, scaler, step, args)
-                if args.eval_every and step % args.eval_every == 0 and args.val_split:
-                    results = evaluate(model, args, args.val_split, device)
-                    log_metrics(out, {"step": step, "val": results})
-                    model.train()
+                after_step(record, args, model, optimizer, scaler, device, bar)
             if world > 1 and args.eval_every and step % args.eval_every == 0:
                 dist.barrier()  # the others wait while rank 0 evaluates (no collectives inside evaluation)
             if step >= args.total_steps:
                 break
             t_data = time.time()
     bar.close()
-    print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
-    if master:
-        finish(model, args, device, out)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    return step
+
+
+def note_bad_images(bad, stats):
+    if bad:
+        stats["bad_images"] += len(bad)
+        tqdm.write(f"warning: skipped {len(bad)} unreadable image(s), {stats['bad_images']} so far: {bad[0]}")
+
+
+def check_finite(loss, grad_norm, step, stats, args, model, optimizer, scaler, master):
+    """Counts skipped non-finite steps; five in a row stop the run (the weights from before them are saved)."""
+    if grad_norm is not None:
+        stats["non_finite"] = 0
+        return
+    stats["non_finite"] += 1
+    tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({stats['non_finite']} in a row)")
+    if stats["non_finite"] >= 5:
+        ckpt_path = Path(args.out) / "last.pt"
+        if master:
+            save_state(ckpt_path, model, optimizer, scaler, step - 1, args)
+        sys.exit(f"error: {stats['non_finite']} non-finite losses in a row: stopping (weights before them are in "
+                 f"{ckpt_path}); try a lower --lr or --precision fp32/bf16")
+
+
+def after_step(record, args, model, optimizer, scaler, device, bar):
+    """Rank 0: log the step, update the progress bar, checkpoint and evaluate when due."""
+    out, step = Path(args.out), record["step"]
+    log_metrics(out, record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", scale=f"{record['logit_scale']:.1f}",
+                    sps=f"{record['samples_per_s']:.0f}")
+    bar.update(1)
+    if step % args.save_every == 0 or step == args.total_steps:
+        save_state(out / "last.pt", model, optimizer, scaler, step, args)
+    if args.eval_every and step % args.eval_every == 0 and args.val_split:
+        log_metrics(out, {"step": step, "val": evaluate(model, args, args.val_split, device)})
+        model.train()
 
 
 def finish(model, args, device, out):
