@@ -58,6 +58,8 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation recall evaluations (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    from adapters import add_method_args  # --method and the few-shot adapters' flags (adapters.py)
+    add_method_args(p)
     return p.parse_args(argv)
 
 
@@ -276,7 +278,11 @@ def raw_model(model):
 
 def main(argv=None):
     try:
-        run(get_args(argv))
+        args = get_args(argv)
+        if args.method:  # few-shot adaptation of a pretrained CLIP (adapters.py) instead of contrastive training
+            from adapters import run_method
+            return run_method(args)
+        run(args)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")  # bad input: one readable line naming the file or argument, no traceback
 
