@@ -3,7 +3,7 @@
 #   make test  - create .venv, install requirements-dev.txt (adds pytest and the reference implementations), run the tests
 PY := .venv/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench adapters clean
 
 .venv/runtime.stamp: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -26,3 +26,6 @@ bench: .venv/dev.stamp
 
 clean:
 	rm -rf .venv out
+
+adapters: .venv/runtime.stamp
+	$(PY) adapters.py benchmark

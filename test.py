@@ -60,10 +60,10 @@ def cmd_zeroshot(args):
     print_zero_shot(args.image, args.text, *zero_shot(model, images, args.text))
 
 
-def cmd_retrieval(args):
+def cmd_retrieval(args, model=None):
     from data import read_captions
     from evaluate import evaluate_retrieval, format_results
-    model = load_checkpoint(args.checkpoint, config=args.config, verbose=True)
+    model = model or load_checkpoint(args.checkpoint, config=args.config, verbose=True)
     records = read_captions(args.data, args.split or None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate_retrieval(model.to(device), records, args.images, protocol=args.protocol,
@@ -89,9 +89,8 @@ def cmd_default(args):
     print("zero-shot: which caption belongs to which picture? (4 test images, their first captions)")
     print_zero_shot([r.image for r in picked], texts, *zero_shot(model, images, texts))
     print()
-    args.checkpoint, args.data, args.images, args.split, args.protocol = DEFAULT_RUN, data, data.parent / "images", "test", "5cap"
-    args.config = None
-    cmd_retrieval(args)
+    args.data, args.images, args.split, args.protocol = data, data.parent / "images", "test", "5cap"
+    cmd_retrieval(args, model)
 
 
 def get_args(argv=None):
