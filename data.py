@@ -11,7 +11,7 @@ Caption files (the format is detected from the content, not the file name):
 Training sees ONE caption per image per epoch, drawn afresh each epoch (the CLIP paper trains on image-text pairs;
 with 5 captions per image this is the usual way to use all of them, as in open_clip's CsvDataset with multiple
 captions). Evaluation encodes every image once and every caption once, and scores a retrieval as correct
-when it finds any of the image's captions (CLIP paper, Sec. 3.1.4, zero-shot Flickr30k/COCO retrieval).
+when it finds any of the image's captions (the CLIP paper's zero-shot Flickr30k/COCO retrieval protocol).
 
 Reproducibility: everything random about sample i in epoch e (its caption and its augmentation) is a pure function
 of (seed, e, i). So a run resumed mid-epoch, or run with a different number of DataLoader workers, sees exactly
@@ -119,8 +119,8 @@ def read_captions(path, split=None):
         return [Record(image, caps) for image, caps, _ in rows]
     available = sorted({s for *_, s in rows if s is not None})
     if not available:
-        raise ValueError(f"{path} has no split information, so split={split!r} cannot be selected. Pass split=None "
-                         f"for all {len(rows)} images, or add a split (a 'split' field or column; for Flickr8k, "
+        raise ValueError(f"{path} has no split information, so split={split!r} cannot be selected. Use every entry "
+                         f"({len(rows)} images: split=None, or --train-split '' / --split '' on the command line), or add a split (a 'split' field or column; for Flickr8k, "
                          f"the Flickr_8k.{{train,dev,test}}Images.txt lists next to the file).")
     if split not in available:
         raise ValueError(f"{path} has no split {split!r}; its splits are: {', '.join(available)}")

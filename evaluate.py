@@ -9,7 +9,7 @@ https://arxiv.org/abs/2103.00020), as computed by LAION's CLIP_benchmark (clip_b
   3) image -> text ("text retrieval"): each image queries all captions. A hit at k if ANY of its captions is
      among the k most similar captions. Averaged over images.
 Protocols: "5cap" keeps every caption of each image (5 for Flickr and COCO): the paper's numbers. "1cap" keeps only
-the first caption, as the MiniClip Flickr tutorial this project follows does (shared/seeds/004). Its numbers are
+the first caption, as the MiniClip Flickr tutorial this project follows does (its en_val.json evaluation). Its numbers are
 not comparable: one caption instead of five costs about 20 points of image -> text R@1 (openai/CLIP issue #115).
 
 Ties. Equal scores happen for real: duplicated images, and identical captions (COCO has many "A man riding a wave

@@ -247,7 +247,7 @@ class CLIP(nn.Module):
         # EOT (49407) is the largest id, so argmax finds it (openai/CLIP; truncation keeps EOT last).
         eot = tokens.argmax(dim=-1)  # (B,)
         # The causal mask also means nothing after the last EOT can reach an EOT row: drop that padding (exact, faster)
-        tokens = tokens[:, :int(eot.max()) + 1]  # (B, L)
+        tokens = tokens[:, :int(eot.max()) + 1] if len(tokens) else tokens  # (B, L)
         B, L = tokens.shape
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, width)
         x = self.transformer(x, causal=True)

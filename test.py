@@ -1,4 +1,4 @@
-"""
+r"""
 Evaluations of a trained or released CLIP (CLIP paper section 3: zero-shot transfer and retrieval).
 
     python test.py                       # the default run (python train.py): zero-shot demo + test-split retrieval
@@ -112,10 +112,9 @@ def get_args(argv=None):
                    help="5cap: every caption (standard); 1cap: the first caption per image (the tutorial)")
     r.add_argument("--json", help="write the results here")
     r.add_argument("--save-features", help="folder for the .npy features and their ids")
-    for q in (r, p):
-        q.add_argument("--batch-size", type=int, default=256)
-        q.add_argument("--workers", type=int, default=2)
-    p.set_defaults(save_features=None, json=None)
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--workers", type=int, default=2)
+    p.set_defaults(save_features=None, json=None, batch_size=256, workers=2)  # for the default command
     return p.parse_args(argv)
 
 

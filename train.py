@@ -48,7 +48,7 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
     p.add_argument("--batch-size", type=int, default=128, help="per process; the loss sees batch-size x processes pairs")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, embeddings, logit_scale)")
+    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, class/positional embeddings, logit_scale)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
@@ -182,7 +182,7 @@ def build_data(args, image_size, context_length, device, rank, world):
         args.images = args.images or str(Path(args.data).parent / "images")
     if args.images is None:
         sys.exit("error: --images DIR is required with --data (the folder the caption file's image paths are relative to)")
-    records = read_captions(args.data, args.train_split)
+    records = read_captions(args.data, args.train_split or None)  # '' = every entry (files without splits)
     check_images(records, args.images)
     truncated = count_truncated(records, context_length)
     print(f"data: {args.data} [{args.train_split}]: {len(records)} images, {sum(len(r.captions) for r in records)} captions"
@@ -217,9 +217,10 @@ def save_state(path, model, optimizer, scaler, step, args):
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     save_checkpoint(path, model, step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     scheduler={"name": "cosine", "peak_lr": args.lr, "warmup": args.warmup, "total_steps": args.total_steps},
-                    rng=rng, args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
+                    rng=rng, args={**run_args, "world": dist.get_world_size() if dist.is_initialized() else 1})
 
 
 def restore_state(path, model, optimizer, scaler):
@@ -234,6 +235,14 @@ def restore_state(path, model, optimizer, scaler):
     return ckpt["step"]
 
 
+def trim_metrics(path, step):
+    """A fresh run starts a new log; a resumed one drops what the interrupted run logged after its last save."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if isinstance(json.loads(line)["step"], int)
+                and json.loads(line)["step"] <= step] if step else []
+        path.write_text("".join(line + "\n" for line in keep))
+
+
 def log_metrics(out, record):
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -242,7 +251,7 @@ def log_metrics(out, record):
 def evaluate(model, args, split, device):
     """Image<->text recall on one split of the training data (evaluate.py; FAISS exact search)."""
     from evaluate import evaluate_retrieval, format_results
-    records = read_captions(args.data, split)
+    records = read_captions(args.data, split or None)
     results = evaluate_retrieval(model, records, args.images, protocol="5cap", split_name=split,
                                  batch_size=256, workers=args.workers, device=device)
     print(format_results(results))
@@ -254,7 +263,8 @@ def evaluate(model, args, split, device):
 
 
 def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
-    """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss is not finite."""
+    """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
+    finite (the step is skipped and the weights are untouched)."""
     with ctx:
         image_features, text_features, logit_scale = model(images, tokens)
         loss = clip_loss(gather_with_grad(image_features), gather_with_grad(text_features), logit_scale)
@@ -264,6 +274,9 @@ def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's GradScaler skips such steps by itself
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -294,7 +307,7 @@ def run(args):
         sys.stdout = open(os.devnull, "w")
     device = pick_device(args.device, local_rank)
     out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
-    check_resume(args, ckpt_path)
+    check_resume(args, ckpt_path, world)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -312,6 +325,7 @@ def run(args):
         model, device_ids=[local_rank] if device.type == "cuda" else None)
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        trim_metrics(out / "metrics.jsonl", step)
     print(f"training: {args.total_steps} steps ({len(loader)} per epoch), global batch {args.batch_size * world}"
           + (f", resuming at step {step}" if step else ""))
     t_start = time.time()
@@ -324,7 +338,7 @@ def run(args):
         dist.destroy_process_group()
 
 
-def check_resume(args, ckpt_path):
+def check_resume(args, ckpt_path, world):
     """--resume continues OUT/last.pt; without it an existing run is never overwritten."""
     if not args.resume:
         if ckpt_path.exists():
@@ -335,8 +349,15 @@ def check_resume(args, ckpt_path):
     # a resumed run is the same run: what defines it (data, model, schedule) comes from the checkpoint.
     # To train longer with another schedule, start a new run with --init OUT/last.pt instead.
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
+    defaults = get_args([])
     for key in RUN_KEYS:
+        given = getattr(args, key)
+        if given != saved[key] and given != getattr(defaults, key):
+            print(f"warning: --resume ignores --{key.replace('_', '-')} {given}: the run uses {saved[key]}")
         setattr(args, key, saved[key])
+    if saved.get("world", world) != world:
+        sys.exit(f"error: --resume: {ckpt_path} was trained by {saved['world']} process(es), this is {world}; "
+                 "the global batch and the data order would change")
 
 
 def train_loop(args, model, ddp_model, loader, sampler, optimizer, scaler, step, device, master, world):
@@ -354,6 +375,8 @@ def train_loop(args, model, ddp_model, loader, sampler, optimizer, scaler, step,
         for images, tokens, bad in loader:
             note_bad_images(bad, stats)
             images, tokens = equalise_batch(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True), world)
+            if images.shape[0] < 2:  # (nearly) every image of the batch was unreadable: no pairs to contrast
+                continue  # equalise_batch made the size equal on every process, so all of them skip together
             t_step = time.time()
             lr = get_lr(step, args.lr, args.warmup, args.total_steps)
             for group in optimizer.param_groups:

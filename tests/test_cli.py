@@ -94,3 +94,18 @@ def test_train_bad_input_errors(tmp_path):
     (tmp_path / "run").mkdir(exist_ok=True)
     with pytest.raises(SystemExit, match="--resume"):
         train.main(["--out", str(tmp_path / "run"), "--resume"])
+
+
+def test_train_on_a_caption_list_without_splits(tmp_path):
+    """The tutorial's list format has no splits: --train-split '' trains on every entry."""
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 0, 255 - 30 * i)).save(images / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": [f"picture number {i}", f"image {i}"]})
+    (tmp_path / "list.json").write_text(json.dumps(entries))
+    train.main(["--config", str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json"), "--data", str(tmp_path / "list.json"),
+                "--images", str(images), "--train-split", "", "--val-split", "", "--test-split", "", "--batch-size", "4",
+                "--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2

@@ -138,3 +138,16 @@ def test_ddp_two_processes_equal_one_process(tiny_data, tmp_path):
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_non_finite_gradient_skips_the_step():
+    """A finite loss with an inf/NaN gradient must not reach AdamW either (it would turn every weight into NaN)."""
+    model = CLIP(CLIPConfig.from_json(XS))
+    opt = configure_optimizer(model, 1e-3, 0.1)
+    model.ln_final.weight.register_hook(lambda g: g * float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.tensor([[49406, 320, 49407] + [0] * 13, [49406, 321, 49407] + [0] * 13])
+    loss, grad_norm = train_step(model, torch.randn(2, 3, 32, 32), tokens, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                 torch.autocast("cpu", enabled=False), 1.0)
+    assert math.isfinite(loss) and grad_norm is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
