@@ -315,9 +315,10 @@ def convert_state_dict(sd, layout):
             if k.endswith("position_ids"):  # buffer that older transformers versions saved
                 continue
             if ".self_attn.q_proj." in k:  # fuse q, k, v into one in_proj (the rows stacked q, k, v)
-                kind = k.rsplit(".", 1)[1]  # weight or bias
-                v = torch.cat([sd[k], sd[k.replace("q_proj", "k_proj")], sd[k.replace("q_proj", "v_proj")]])
-                k = k.replace(f"self_attn.q_proj.{kind}", f"attn.in_proj_{kind}")
+                parts = [sd.get(k.replace("q_proj", name)) for name in ("q_proj", "k_proj", "v_proj")]
+                if all(t is not None for t in parts):  # else the q key stays, and the strict load reports it
+                    kind = k.rsplit(".", 1)[1]  # weight or bias
+                    k, v = k.replace(f"self_attn.q_proj.{kind}", f"attn.in_proj_{kind}"), torch.cat(parts)
             elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
                 continue
             elif k in ("visual_projection.weight", "text_projection.weight"):
