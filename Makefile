@@ -14,8 +14,9 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# a second `make run` continues (or, if finished, just re-evaluates) out/shapes instead of refusing to overwrite it
 run: .venv/runtime.stamp
-	$(PY) train.py
+	$(PY) train.py $$(test -f out/shapes/last.pt && echo --resume)
 	$(PY) test.py
 
 test: .venv/dev.stamp
