@@ -179,15 +179,6 @@ class TipKeys(nn.Module):
         self.keys = nn.Parameter(keys.clone())
 
 
-def encode_token_embeddings(model, x, tokens):
-    """The text tower from the token embeddings on (CLIP.encode_text after its embedding lookup), so CoOp can
-    put learned vectors in place of word embeddings. x (B, L, width), tokens (B, L) -> (B, embed_dim)."""
-    x = x + model.positional_embedding[:tokens.shape[1]]
-    x = model.ln_final(model.transformer(x, causal=True))  # (B, L, width)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # pool at EOT (the largest id)
-    return x @ model.text_projection  # (B, embed_dim)
-
-
 class CoOpPrompts(nn.Module):
     """CoOp: class c's prompt is [SOS] v_1 ... v_M [CLASS c] . [EOS], with M shared context vectors v_m learned
     in the token-embedding space (class token at the end, CSC off: the paper's default). The text encoder is frozen;
@@ -207,7 +198,7 @@ class CoOpPrompts(nn.Module):
             embedded = model.token_embedding(self.tokens)  # (C, L, width)
         ctx = self.ctx.unsqueeze(0).expand(embedded.shape[0], -1, -1)  # (C, M, width)
         x = torch.cat([embedded[:, :1], ctx, embedded[:, 1 + ctx.shape[1]:]], dim=1)  # SOS, context, class . EOS
-        return encode_token_embeddings(model, x, self.tokens)  # (C, D) class weights
+        return model.encode_text_embeddings(x, self.tokens.argmax(dim=-1))  # (C, D) class weights, pooled at EOT
 
 # ----------------------------------------------------------------------------------------------------------------
 # Few-shot data: ImageFolder directories, seeded K-shot sampling saved to JSON, the test split read once

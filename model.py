@@ -248,13 +248,17 @@ class CLIP(nn.Module):
         eot = tokens.argmax(dim=-1)  # (B,)
         # The causal mask also means nothing after the last EOT can reach an EOT row: drop that padding (exact, faster)
         tokens = tokens[:, :int(eot.max()) + 1] if len(tokens) else tokens  # (B, L)
-        B, L = tokens.shape
-        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, width)
+        x = self.encode_text_embeddings(self.token_embedding(tokens), eot)  # (B, embed_dim)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text_embeddings(self, x, eot):
+        """The text tower from the token embeddings x (B, L, width) on, pooled at positions eot (B,); prompt
+        learning (CoOp, adapters.py) puts learned vectors into x in place of some word embeddings."""
+        x = x + self.positional_embedding[:x.shape[1]]  # (B, L, width)
         x = self.transformer(x, causal=True)
         x = self.ln_final(x)
-        x = x[torch.arange(B, device=x.device), eot]  # (B, width)
-        x = x @ self.text_projection  # (B, embed_dim)
-        return F.normalize(x, dim=-1) if normalize else x
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
+        return x @ self.text_projection  # (B, embed_dim)
 
     def forward(self, images, tokens):
         """Returns L2-normalised image and text features and the temperature exp(logit_scale).
