@@ -202,7 +202,8 @@ def ensure_anomaly_shapes(root=None, seed=0, image_size=64, n_train=40, n_test_g
                           categories=tuple(CATEGORIES)):
     """The synthetic MVTec-layout root, generating it first unless its params file matches. root=None: data/anomaly."""
     root = Path(root) if root else DEFAULT_ROOT
-    assert image_size >= 16 and set(categories) <= set(CATEGORIES), f"categories must come from {CATEGORIES}"
+    if not set(categories) <= set(CATEGORIES):
+        raise ValueError(f"unknown categories {sorted(set(categories) - set(CATEGORIES))}; choose from {CATEGORIES}")
     params = dict(version=VERSION, seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
                   n_test_defect=n_test_defect, categories=list(categories))
     params_path = root / PARAMS_NAME

@@ -13,7 +13,8 @@ Pixel metrics flatten every map and mask into one long vector. Scores keep their
 the same as float64 copies, at half the memory); sums are accumulated in float64.
 
 References:
-- Hanley & McNeil 1982, "The meaning and use of the area under a ROC curve": https://doi.org/10.1148/radiology.143.1.7063747
+- Hanley & McNeil 1982, "The meaning and use of the area under a ROC curve":
+  https://doi.org/10.1148/radiology.143.1.7063747
 - scikit-learn average_precision_score:
   https://scikit-learn.org/stable/modules/generated/sklearn.metrics.average_precision_score.html
 - AA-CLIP forward_utils.metrics_eval (the metrics reported): https://github.com/Mwxinnn/AA-CLIP
