@@ -37,15 +37,15 @@ def config_dict(name):
 
 
 def open_clip_pair(name):
-    """(ours, reference): open_clip's CLIP built from the same JSON, and ours loaded from its saved state dict."""
-    try:
-        from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
-    except ImportError:
-        raise SystemExit("this section compares against open_clip: pip install open_clip_torch")
+    """(ours, reference): open_clip's CLIP built from the same JSON (by the test oracles in tests/oracles.py, the only
+    place that imports the reference implementations), and ours loaded from its saved state dict."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from oracles import openclip_model
     cfg = config_dict(name)
-    torch.manual_seed(0)
-    reference = OpenCLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
-                         quick_gelu=cfg["quick_gelu"])
+    try:
+        reference = openclip_model(cfg, seed=0)
+    except ImportError:
+        raise SystemExit("this section compares against open_clip: pip install -r requirements-dev.txt")
     with tempfile.TemporaryDirectory() as tmp:  # the key names are identical, so our loader reads open_clip's file
         torch.save(reference.state_dict(), Path(tmp) / "open_clip.pt")
         ours = load_checkpoint(Path(tmp) / "open_clip.pt", config=CLIPConfig.from_dict(cfg))
