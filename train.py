@@ -238,9 +238,8 @@ def restore_state(path, model, optimizer, scaler):
 def trim_metrics(path, step):
     """A fresh run starts a new log; a resumed one drops what the interrupted run logged after its last save."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if isinstance(json.loads(line)["step"], int)
-                and json.loads(line)["step"] <= step] if step else []
-        path.write_text("".join(line + "\n" for line in keep))
+        records = [json.loads(line) for line in path.read_text().splitlines()] if step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if isinstance(r["step"], int) and r["step"] <= step))
 
 
 def log_metrics(out, record):
