@@ -612,12 +612,13 @@ ENCODER_METHODS = ("finetune", "fd-align")  # their logits_fn takes items (image
 
 def add_method_args(parser):
     """Flags of the adaptation methods. train.py already defines --init, --data, --out, --epochs, --batch-size, --lr,
-    --wd, --seed, --workers, --device, --precision; a shared flag left at train.py's default takes the method's
-    default from METHOD_DEFAULTS."""
-    shared = {k: parser.get_default(k) for k in SHARED + ("out",)}  # train.py's defaults, to recognise them later
+    --wd, --seed, --workers, --device, --precision; a shared flag not typed on the command line (train.py records
+    which were, in args.typed) takes the method's default from METHOD_DEFAULTS."""
     g = parser.add_argument_group("few-shot adaptation (adapters.py)")
-    g.add_argument("--method", choices=METHODS, default=None, help="adapt --init to the classes of --data (ImageFolder)")
-    g.add_argument("--shots", type=int, default=16, help="K training images per class (val: min(K, 4) per class)")
+    g.add_argument("--method", choices=METHODS + ["aa-clip"], default=None,
+                   help="adapt --init to the classes of --data (ImageFolder); aa-clip: anomaly segmentation (aa_clip.py)")
+    g.add_argument("--shots", "--shot", type=int, default=16,
+                   help="K training images per class (val: min(K, 4) per class); aa-clip: per category, default all")
     g.add_argument("--split-file", default=None, help="few-shot split JSON (default OUT/split_Kshot_seedS.json; reused if present)")
     g.add_argument("--templates", default="auto", help="single, imagenet7, openai80, or a file; auto: DATA/templates.txt, else single")
     g.add_argument("--aug-views", type=int, default=10, help="augmented views per training image (Tip-Adapter's augment_epoch)")
@@ -644,7 +645,6 @@ def add_method_args(parser):
     g.add_argument("--n-ctx", type=int, default=16, help="CoOp context vectors")
     g.add_argument("--feature-cache", default=str(ROOT / "out" / "adapters" / "features"), help="folder of cached features")
     g.add_argument("--no-save", action="store_true", help="do not write the adapter checkpoint")
-    parser.set_defaults(train_defaults=shared)
     return parser
 
 
@@ -663,17 +663,17 @@ def checkpoint_tag(path):
 
 
 def resolve(args):
-    """Fill the shared flags with the method's defaults where they were left at train.py's defaults."""
+    """Fill the shared flags with the method's defaults where they were not typed (or are None)."""
     hp = argparse.Namespace(**vars(args))
-    train_defaults = getattr(args, "train_defaults", {}) or {}
+    typed = getattr(args, "typed", None)  # None: a Namespace built in code, whose values are all meant
     for k in SHARED:
-        if getattr(hp, k, None) is None or (k in train_defaults and getattr(hp, k) == train_defaults[k]):
+        if getattr(hp, k, None) is None or (typed is not None and k not in typed):
             setattr(hp, k, METHOD_DEFAULTS.get(args.method, {}).get(k, 0))
     if hp.patience is None:
         hp.patience = METHOD_DEFAULTS.get(args.method, {}).get("patience", 0)
     if args.data is None:
         hp.data = str(ensure_fewshot_shapes())
-    if getattr(args, "out", None) is None or args.out == train_defaults.get("out"):
+    if getattr(args, "out", None) is None or (typed is not None and "out" not in typed):
         hp.out = str(ROOT / "out" / "adapters" / "runs" / f"{args.method}-{args.shots}shot-seed{args.seed}")
     if args.init in (None, "scratch"):
         sys.exit("error: --method needs a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")

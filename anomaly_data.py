@@ -1,6 +1,7 @@
 """
 Anomaly-detection data: a built-in synthetic dataset in the MVTec-AD layout, the MVTec-AD and VisA readers,
-and a Dataset that returns (image, label, pixel mask) with the mask cropped exactly like the image.
+a Dataset that returns (image, label, pixel mask) with the mask cropped exactly like the image, the held-out
+split and joint image/mask augmentation AA-CLIP trains with, and anomaly-map overlay PNGs.
 
 The synthetic set stands in for MVTec-AD so the AA-CLIP experiments (issue 6) run offline. Four procedurally
 drawn categories (two textures, two objects), each with four defect types and an exact pixel mask per defect:
@@ -31,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -38,11 +40,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
-from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+from torchvision import tv_tensors
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, v2
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from transform import image_transform, load_image
 
-VERSION = 1  # bump when the drawing code changes, so cached datasets are regenerated
+VERSION = 2  # bump when the drawing code changes, so cached datasets are regenerated
 DEFAULT_ROOT = Path(__file__).parent / "data" / "anomaly"
 PARAMS_NAME = "anomaly_params.json"
 SUPERSAMPLE = 4
@@ -138,6 +142,7 @@ def _defect_shape(defect, rng, S, centre):
 
 
 DEFECT_COLOURS = {"scratch": (235, 235, 225), "hole": (20, 18, 16), "stain": (140, 90, 30), "crack": (35, 30, 28)}
+SCRATCH_ON_LIGHT = (105, 100, 95)
 
 
 def _add_defect(img, region, defect, rng):
@@ -147,7 +152,10 @@ def _add_defect(img, region, defect, rng):
     k = rng.integers(len(ys))
     mask = _defect_shape(defect, rng, S, (xs[k] + S // 8, ys[k] + S // 8)) & region
     alpha = 0.75 if defect == "stain" else 1.0  # a stain lets the texture show through
-    img[mask] = (1 - alpha) * img[mask] + alpha * np.array(DEFECT_COLOURS[defect])
+    colour = np.array(DEFECT_COLOURS[defect])
+    if defect == "scratch" and img[mask].mean() > 170:  # a scratch shows light on dark surfaces, dark on light ones
+        colour = np.array(SCRATCH_ON_LIGHT)
+    img[mask] = (1 - alpha) * img[mask] + alpha * colour
     return mask
 
 
@@ -198,7 +206,7 @@ def generate_category(root, category, seed, image_size, n_train, n_test_good, n_
         _save(mask, base / "ground_truth" / defect / f"{k:03d}_mask.png")
 
 
-def ensure_anomaly_shapes(root=None, seed=0, image_size=64, n_train=40, n_test_good=20, n_test_defect=20,
+def ensure_anomaly_shapes(root=None, seed=0, image_size=128, n_train=40, n_test_good=40, n_test_defect=80,
                           categories=tuple(CATEGORIES)):
     """The synthetic MVTec-layout root, generating it first unless its params file matches. root=None: data/anomaly."""
     root = Path(root) if root else DEFAULT_ROOT
@@ -283,10 +291,11 @@ def read_visa(root, category, split, csv_path=None):
 
 class AnomalyDataset(Dataset):
     """(image (3, H, W) normalised, label, mask (1, H, W) in {0, 1}); the mask is resized with NEAREST and
-    center-cropped like the image, so mask pixel (i, j) belongs to image pixel (i, j)."""
+    center-cropped like the image, so mask pixel (i, j) belongs to image pixel (i, j). `augment`, if given, is
+    called as augment(image, mask) on the PIL pair first (training: the same random geometry for both)."""
 
-    def __init__(self, items, image_size):
-        self.items, self.image_size = list(items), image_size
+    def __init__(self, items, image_size, augment=None):
+        self.items, self.image_size, self.augment = list(items), image_size, augment
         self.transform = image_transform(image_size)  # eval pipeline: Resize(bicubic) -> CenterCrop
         # NEAREST keeps the mask binary; the same Resize/CenterCrop sizes as the image keep it aligned
         self.mask_transform = Compose([Resize(image_size, InterpolationMode.NEAREST), CenterCrop(image_size)])
@@ -297,17 +306,99 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, i):
         path, label, mask_path, _ = self.items[i]
         image = load_image(path)
-        if mask_path is None:
-            return self.transform(image), label, torch.zeros(1, self.image_size, self.image_size)
-        with Image.open(mask_path) as m:
-            mask = m.convert("L")  # VisA masks hold 0/1 (or a defect id), MVTec masks 0/255: binarise with > 0
-        if mask.size != image.size:
-            raise ValueError(f"mask {mask_path} is {mask.size}, its image {path} is {image.size}")
+        mask = read_mask(mask_path, image.size, path)
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
+            label = label if not label else int(mask.getbbox() is not None)  # a defect moved out of view: normal
         mask = torch.from_numpy(np.asarray(self.mask_transform(mask)) > 0).float()[None]  # (1, H, W)
         return self.transform(image), label, mask
 
+
+def read_mask(mask_path, size, image_path):
+    """A PIL "L" mask (> 0 = defect) of the image's size; all zero when mask_path is None (a good image)."""
+    if mask_path is None:
+        return Image.new("L", size, 0)
+    with Image.open(mask_path) as m:
+        mask = m.convert("L")  # VisA masks hold 0/1 (or a defect id), MVTec masks 0/255: binarise with > 0
+    if mask.size != size:
+        raise ValueError(f"mask {mask_path} is {mask.size}, its image {image_path} is {size}")
+    return mask
+
 # ----------------------------------------------------------------------------------------------------------
-# Preview and command line
+# Training data for the anomaly adapters (aa_clip.py): categories, a held-out split, joint augmentation
+
+
+
+
+def is_visa(root):
+    return (Path(root) / "split_csv" / "1cls.csv").is_file()
+
+
+def list_categories(root):
+    root = Path(root)
+    if is_visa(root):
+        with open(root / "split_csv" / "1cls.csv", newline="") as f:
+            return sorted({r["object"] for r in csv.DictReader(f)})
+    if not root.is_dir():
+        raise FileNotFoundError(f"anomaly data folder {root} not found")
+    return sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+
+
+def read_items(root, category, split):
+    return read_visa(root, category, split) if is_visa(root) else read_mvtec(root, category, split)
+
+
+def split_train_val(root, categories, val_fraction, shots, seed):
+    """Every image of the training categories (as AA-CLIP trains on all of VisA), less a seeded, stratified
+    val_fraction of each category's test images kept for checkpoint selection. shots > 0: that many training
+    images per category. Returns two lists of (item, category)."""
+    train, val = [], []
+    for c in categories:
+        rng, test = random.Random(f"{seed}-{c}"), read_items(root, c, "test")
+        held = []
+        for label in (0, 1):
+            group = [it for it in test if it[1] == label]
+            held += rng.sample(group, round(val_fraction * len(group)))
+        pool = [it for it in read_items(root, c, "train") + test if it not in held]
+        if shots:
+            pool = rng.sample(pool, min(shots, len(pool)))
+        train += [(it, c) for it in pool]
+        val += [(it, c) for it in held]
+    return train, val
+
+
+def augmentation(colour):
+    """AA-CLIP's training augmentation: rotation +-30 degrees, translation 15 %, flips (the same for the image and
+    its mask); colour jitter (image only) in the image stage."""
+    geometry = v2.Compose([v2.RandomAffine(degrees=30, translate=(0.15, 0.15), interpolation=v2.InterpolationMode.BILINEAR),
+                           v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+    jitter = v2.ColorJitter(0.2, 0.2, 0.2) if colour else None
+
+    def augment(image, mask):
+        image, mask = geometry(image, tv_tensors.Mask(pil_to_tensor(mask)))  # masks are moved with NEAREST
+        return (jitter(image) if jitter else image), to_pil_image(mask)
+    return augment
+
+
+class CategoryDataset(AnomalyDataset):
+    """AnomalyDataset items that also return their category's index, for the per-image text anchors."""
+
+    def __init__(self, pairs, categories, image_size, augment=None):
+        super().__init__([it for it, _ in pairs], image_size, augment)
+        self.category = [categories.index(c) for _, c in pairs]
+
+    def __getitem__(self, i):
+        return (*super().__getitem__(i), self.category[i])
+
+
+def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(CategoryDataset(pairs, categories, size, augment), batch_size=batch_size,
+                                       shuffle=augment is not None, num_workers=workers, generator=generator,
+                                       persistent_workers=workers > 0)
+
+# ----------------------------------------------------------------------------------------------------------
+# Previews, anomaly-map overlays and the command line
 
 
 def overlay(image, mask, colour=(255, 0, 0), alpha=0.5):
@@ -338,12 +429,39 @@ def save_preview(root, out, categories=None, per_row=6, scale=3):
     print(f"saved a preview of {len(rows)} categories to {out}")
 
 
+def heat(values):
+    """[0, 1] array -> RGB uint8, blue (normal) to red (anomalous), a short jet-like ramp."""
+    v = np.clip(values, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3, 2, 1])), 0, 1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def save_overlays(kept, out, size, per_category=8):
+    """One PNG per category: defective then good test images in columns; rows image / true mask / anomaly map."""
+    view = Compose([Resize(size, InterpolationMode.BICUBIC), CenterCrop(size)])
+    mask_view = Compose([Resize(size, InterpolationMode.NEAREST), CenterCrop(size)])
+    out.mkdir(parents=True, exist_ok=True)
+    for c, (pairs, maps) in kept.items():
+        bad = [i for i, (it, _) in enumerate(pairs) if it[1]]
+        order = sorted(bad, key=lambda i: (Path(pairs[i][0][0]).stem, pairs[i][0][3]))[:per_category - 2]  # mixed defects
+        order += [i for i, (it, _) in enumerate(pairs) if not it[1]][:per_category - len(order)]
+        sheet = Image.new("RGB", (len(order) * (size + 2), 3 * (size + 2)), "white")
+        for col, i in enumerate(order):
+            (path, _, mask_path, _), _ = pairs[i]
+            image = view(Image.open(path).convert("RGB"))
+            mask = mask_view(read_mask(mask_path, Image.open(path).size, path))
+            blend = Image.blend(image, Image.fromarray(heat(maps[i].numpy())), 0.5)
+            for row, tile in enumerate((image, overlay(image, mask), blend)):
+                sheet.paste(tile, (col * (size + 2), row * (size + 2)))
+        sheet.save(out / f"{c}.png")
+
+
 if __name__ == "__main__":
     import time
     parser = argparse.ArgumentParser(description="Generate the synthetic anomaly dataset (MVTec-AD layout).")
     parser.add_argument("--root", default=None, help="output folder (default: data/anomaly)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--preview", default=None, help="also save a grid of test images with mask overlays here")
     args = parser.parse_args()
     start = time.time()

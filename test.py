@@ -6,6 +6,8 @@ Evaluations of a trained or released CLIP (CLIP paper section 3: zero-shot trans
         --image dog.jpg --text "a dog" "a cat" "a fish" "a pig"
     python test.py retrieval --checkpoint CKPT --data dataset_flickr30k.json --images flickr30k-images \
         [--split test] [--protocol 5cap|1cap] [--json results.json]
+    python test.py anomaly --checkpoint out/aa-clip/aa_clip.pt [--data MVTEC_OR_VISA_ROOT] [--categories ...]
+    python test.py anomaly --checkpoint out/shapes/last.pt     # any CLIP checkpoint: the un-adapted baseline
 """
 import argparse
 import json
@@ -93,6 +95,19 @@ def cmd_default(args):
     cmd_retrieval(args, model)
 
 
+def cmd_anomaly(args):
+    """Zero-shot anomaly detection and segmentation (aa_clip.py): per-category image AUROC, pixel AUROC and AP."""
+    from aa_clip import load, resolve_test_data, test_report
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, adapted, saved = load(args.checkpoint, args.init, args.img_size, device)
+    root, categories = resolve_test_data(args, saved)
+    out = Path(args.out or ROOT / "out" / "anomaly" / Path(args.checkpoint).stem)
+    report = test_report(model, root, categories, args, device, out, adapted=adapted)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -114,6 +129,17 @@ def get_args(argv=None):
     r.add_argument("--save-features", help="folder for the .npy features and their ids")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--workers", type=int, default=2)
+    a = sub.add_parser("anomaly", help="anomaly detection/segmentation AUROC and AP per category (AA-CLIP, aa_clip.py)")
+    a.add_argument("--checkpoint", required=True, help="an AA-CLIP file (train.py --method aa-clip) or any CLIP checkpoint")
+    a.add_argument("--init", help="the CLIP an AA-CLIP file adapts, if it moved since training")
+    a.add_argument("--data", help="MVTec-AD or VisA root (default: the AA-CLIP file's test data, else the built-in set)")
+    a.add_argument("--categories", nargs="+", help="default: the AA-CLIP file's test categories, else all of --data "
+                                                   "(the built-in set: weave bolt)")
+    a.add_argument("--img-size", type=int, help="input size (default: the AA-CLIP file's; 2x the model's for a plain CLIP)")
+    a.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in patches")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--out", help="folder for table.md and overlays/ (default: out/anomaly/CHECKPOINT_NAME)")
+    a.add_argument("--json", help="write the results here")
     p.set_defaults(save_features=None, json=None, batch_size=256, workers=2)  # for the default command
     return p.parse_args(argv)
 
@@ -121,7 +147,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, None: cmd_default}[args.command](args)
+        {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, "anomaly": cmd_anomaly, None: cmd_default}[args.command](args)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -58,9 +58,14 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation recall evaluations (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    from aa_clip import add_args as add_anomaly_args  # AA-CLIP's flags (aa_clip.py)
     from adapters import add_method_args  # --method and the few-shot adapters' flags (adapters.py)
-    add_method_args(p)
-    return p.parse_args(argv)
+    add_anomaly_args(add_method_args(p))
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: the flags given on the command line
+        action.default = argparse.SUPPRESS
+    args.typed = set(vars(p.parse_args(argv)))  # a method fills the shared flags not typed with its own defaults
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -291,6 +296,9 @@ def raw_model(model):
 def main(argv=None):
     try:
         args = get_args(argv)
+        if args.method == "aa-clip":  # anomaly adapters for zero-shot anomaly segmentation (aa_clip.py)
+            from aa_clip import run as run_aa_clip
+            return run_aa_clip(args)
         if args.method:  # few-shot adaptation of a pretrained CLIP (adapters.py) instead of contrastive training
             from adapters import run_method
             return run_method(args)

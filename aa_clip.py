@@ -1,0 +1,560 @@
+"""
+AA-CLIP: anomaly-aware CLIP by two-stage adapter training (Ma et al., CVPR 2025, arXiv 2503.06661;
+code github.com/Mwxinnn/AA-CLIP), for zero-shot anomaly detection (is this image defective?) and
+segmentation (which pixels?) on categories never seen in training.
+
+    python train.py --method aa-clip --init out/shapes/last.pt   # built-in data: train tiles+tablet, test weave+bolt
+    python test.py anomaly --checkpoint out/aa-clip/aa_clip.pt     # evaluate again (table + overlay PNGs)
+    python test.py anomaly --checkpoint out/shapes/last.pt         # the un-adapted CLIP through the same pipeline
+    python train.py --method aa-clip --init model_hub/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M.pt \\
+        --data VisA_20220922 --test-data mvtec_anomaly_detection   # the paper's protocol: train VisA, test MVTec
+
+The idea. A CLIP compares an image with "a photo of a bolt" well, but not a *patch* with "a damaged bolt":
+its patch tokens and its normal/abnormal sentences are not separated. AA-CLIP trains small residual adapters,
+with CLIP frozen, in two stages:
+  stage 1 (text): adapters after the first text blocks and a new text projection, so that the "normal" and
+    "abnormal" text anchors of each class separate the patches of defective and good regions. The patch features
+    come from the frozen CLIP with V-V attention ("surgery"), which keeps patch tokens local.
+  stage 2 (image): adapters after the first image blocks, one projection per feature level and a detection head,
+    trained to match the now frozen text anchors (segmentation loss per level + image-level cross-entropy).
+At test time each level gives a patch-vs-anchor anomaly map; the maps are smoothed, upsampled and summed, and the
+image score mixes the map maximum with the detection head.
+
+Where we depart from the reference code (../shared/specs/adapters.md section 6 lists its known issues):
+  - stage 1 sums the segmentation loss over ALL levels (the reference overwrites it and trains on the last only);
+  - V-V attention runs over the tokens of each image (the reference's softmax runs over the batch axis); we use the
+    dual path of CLIP Surgery / AnomalyCLIP's DPAM: the ordinary path is untouched, the V-V path adds attention
+    outputs only (no MLP);
+  - the checkpoint of each stage is chosen on held-out images of the TRAINING categories, never on test;
+  - the anomaly map is smoothed on the patch grid (sigma in patches), so it does not depend on the input size.
+Defaults are scaled to small models (see add_args); the article's values are in each flag's help.
+"""
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters import CLIP_SCALE, residual_blend
+from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
+from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
+from model import CheckpointError, load_checkpoint, torch_load
+from tokenizer import tokenize
+
+ROOT = Path(__file__).resolve().parent
+FORMAT = "miniclip-aa-clip"
+BUILTIN_TRAIN, BUILTIN_TEST = ["tiles", "tablet"], ["weave", "bolt"]  # one texture and one object on each side
+# AA-CLIP's text prompts (dataset/constants.py): states x templates, averaged per state
+NORMAL_STATES = ["{}", "a {}", "the {}"]
+ABNORMAL_STATES = ["a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage"]
+TEMPLATES = ["{}.", "a photo of {}."]
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: where the adapters and feature levels sit, scaled from AA-CLIP's ViT-L/14 (24 image layers)
+
+
+@dataclass
+class AAConfig:
+    levels: list  # image blocks (1-based) whose patch tokens give a feature level; AA-CLIP: 6, 12, 18, 24 of 24
+    image_adapt_until: int  # residual adapters after blocks 1..this; AA-CLIP: 6 of 24
+    text_adapt_until: int  # AA-CLIP: 3 of 12 text blocks
+    surgery_until_layer: int  # V-V attention in the last (this - 1) image blocks; AA-CLIP: 20 -> 19 of 24
+    img_size: int  # input size; the positional grid is resized to it (AA-CLIP runs a 336-px CLIP at 518 px)
+    image_adapt_weight: float = 0.1  # lambda of the residual blend
+    text_adapt_weight: float = 0.1
+    relu: bool = False  # a ReLU after the per-level projections (AA-CLIP's --relu)
+
+    @classmethod
+    def for_model(cls, clip_config, img_size=None, surgery_until_layer=None, **weights):
+        """AA-CLIP's choices as fractions of the depth: 4 evenly spaced levels, image adapters up to the first
+        level, text adapters in the first quarter, V-V attention from the first level on; input 2x the model's."""
+        vision, text = clip_config.vision, clip_config.text
+        L = vision.layers
+        levels = sorted({max(1, round(L * k / 4)) for k in range(1, 5)})
+        img_size = img_size or 2 * vision.image_size
+        if img_size % vision.patch_size:
+            raise ValueError(f"--img-size {img_size} is not a multiple of the patch size {vision.patch_size}")
+        surgery = L - levels[0] + 2 if surgery_until_layer is None else surgery_until_layer
+        if not 1 <= surgery <= L + 1:
+            raise ValueError(f"--surgery-until-layer {surgery} must lie in 1..{L + 1} for a {L}-layer image tower "
+                             "(V-V attention in the last N-1 blocks; 1: none)")
+        return cls(levels, levels[0], max(1, round(text.layers / 4)), surgery, img_size, **weights)
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: a frozen CLIP plus the two adapters
+
+
+def projection(c_in, c_out, act):
+    """AA-CLIP's SimpleAdapter / SimpleProj: a bias-free linear layer, optionally followed by LeakyReLU."""
+    return nn.Sequential(nn.Linear(c_in, c_out, bias=False), *([nn.LeakyReLU()] if act else []))
+
+
+def adapt_residual(x, adapter, weight):
+    """AA-CLIP's residual adapter: a = A(x), rescaled per token to the norm of x, then x' = w a + (1 - w) x."""
+    a = adapter(x)
+    a = a * (x.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    return residual_blend(x, a, weight)
+
+
+def resize_positional(pos, grid):
+    """(1 + n*n, width) positional embeddings -> (1 + grid*grid, width): the class row kept, the n x n patch
+    rows resized bicubically (as open_clip's resize_pos_embed does)."""
+    n = math.isqrt(pos.shape[0] - 1)
+    if n == grid:
+        return pos
+    patches = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # (1 + grid*grid, width)
+
+
+def embed_patches(visual, images):
+    """The image tower up to its first block, at any size that is a multiple of the patch: (B, 1 + g*g, width)."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, width, g, g)
+    g = x.shape[-1]
+    x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+    x = torch.cat([cls, x], dim=1)  # (B, 1 + g*g, width)
+    return visual.ln_pre(x + resize_positional(visual.positional_embedding, g).to(x.dtype))
+
+
+def vv_attention(attn, x):
+    """V-V self-attention (CLIP Surgery, Li et al. 2023; AnomalyCLIP's DPAM): the block's own value projection
+    used as query, key and value, softmax over the TOKENS of each image. x (B, L, D) -> (B, L, D)."""
+    B, L, D = x.shape
+    v = F.linear(x, attn.in_proj_weight[2 * D:], attn.in_proj_bias[2 * D:])  # (B, L, D): the rows of v
+    v = v.view(B, L, attn.heads, D // attn.heads).transpose(1, 2)  # (B, h, L, hd)
+    y = F.scaled_dot_product_attention(v, v, v)  # softmax(v v^T / sqrt(hd)) v, per image and head
+    return attn.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class AACLIP(nn.Module):
+    """A frozen CLIP with AA-CLIP's text adapter (stage 1) and image adapter (stage 2)."""
+
+    def __init__(self, clip, cfg: AAConfig):
+        super().__init__()
+        self.clip, self.cfg = clip.eval().requires_grad_(False), cfg
+        tw, vw, D = clip.config.text.width, clip.config.vision.width, clip.config.embed_dim
+        self.text_adapter = nn.ModuleDict({
+            "adapters": nn.ModuleList([projection(tw, tw, True) for _ in range(cfg.text_adapt_until)]),
+            "proj": projection(tw, D, True),  # replaces CLIP's text_projection, from a random start
+        })
+        self.image_adapter = nn.ModuleDict({
+            "adapters": nn.ModuleList([projection(vw, vw, True) for _ in range(cfg.image_adapt_until)]),
+            "seg_proj": nn.ModuleList([projection(vw, D, cfg.relu) for _ in cfg.levels]),  # one per level
+            "det_proj": projection(vw, D, cfg.relu),  # the image-level head
+        })
+        for m in [*self.text_adapter.modules(), *self.image_adapter.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+
+    def encode_text(self, tokens):
+        """The text tower with an adapter after each of the first text_adapt_until blocks, pooled at EOT,
+        through the new projection (B, D)."""
+        c = self.clip
+        eot = tokens.argmax(dim=-1)  # (B,)
+        tokens = tokens[:, :int(eot.max()) + 1]  # padding after the last EOT never reaches it (causal mask)
+        x = c.token_embedding(tokens) + c.positional_embedding[:tokens.shape[1]]  # (B, L, width)
+        for i, block in enumerate(c.transformer.resblocks):
+            x = block(x, causal=True)
+            if i < len(self.text_adapter["adapters"]):
+                x = adapt_residual(x, self.text_adapter["adapters"][i], self.cfg.text_adapt_weight)
+        x = c.ln_final(x)[torch.arange(len(x), device=x.device), eot]  # (B, width)
+        return self.text_adapter["proj"](x)
+
+    def encode_image(self, images):
+        """Stage 2 and inference: adapters after the first blocks; the patch tokens of each level through ln_post
+        and that level's projection. Returns [(B, N, D) normalised] per level and the detection feature (B, D)."""
+        v, ad = self.clip.visual, self.image_adapter
+        x, levels = embed_patches(v, images), []
+        for i, block in enumerate(v.transformer.resblocks):
+            x = block(x)
+            if i < len(ad["adapters"]):
+                x = adapt_residual(x, ad["adapters"][i], self.cfg.image_adapt_weight)
+            if i + 1 in self.cfg.levels:
+                levels.append(v.ln_post(x[:, 1:]))  # (B, N, width): patch tokens, class token dropped
+        patches = [F.normalize(proj(t), dim=-1) for proj, t in zip(ad["seg_proj"], levels)]
+        det = F.normalize(ad["det_proj"](levels[-1]), dim=-1).mean(dim=1)  # (B, D), not renormalised (AA-CLIP)
+        return patches, det
+
+    @torch.no_grad()
+    def surgery_features(self, images):
+        """Stage 1's frozen image side (also the un-adapted baseline): from block L - surgery_until_layer + 2 on,
+        a second, V-V path runs beside the ordinary one (x_vv += VVAttn(ln_1(x)), no MLP). Each level's tokens
+        (V-V path where it exists) go through CLIP's own ln_post and proj, are normalised, and get the normalised
+        image embedding added, as AA-CLIP does. Returns [(B, N, D)] per level and the image embedding (B, D)."""
+        v = self.clip.visual
+        blocks = v.transformer.resblocks
+        first_vv = len(blocks) - (self.cfg.surgery_until_layer - 1)
+        x, x_vv, levels = embed_patches(v, images), None, []
+        for i, block in enumerate(blocks):
+            if i >= first_vv:
+                x_vv = (x if x_vv is None else x_vv) + vv_attention(block.attn, block.ln_1(x))
+            x = block(x)
+            if i + 1 in self.cfg.levels:
+                levels.append(x if x_vv is None else x_vv)
+        image = F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)  # (B, D): the ordinary CLIP image embedding
+        patches = [F.normalize(v.ln_post(t[:, 1:]) @ v.proj, dim=-1) + image[:, None] for t in levels]
+        return patches, image
+
+# ----------------------------------------------------------------------------------------------------------
+# Text anchors, maps and losses: each formula once
+
+
+def anchor_sentences(name):
+    """The normal sentences of a class, then the abnormal ones."""
+    normal = [t.format(s.format(name)) for s in NORMAL_STATES for t in TEMPLATES]
+    abnormal = [t.format(s.format(name)) for s in ABNORMAL_STATES for t in TEMPLATES]
+    return normal + abnormal
+
+
+def text_anchors(encode_text, names, context_length, device):
+    """Per class the normal and the abnormal anchor: each sentence embedding normalised, averaged per state,
+    renormalised -> (C, 2, D), [:, 0] normal, [:, 1] abnormal."""
+    sentences = [s for name in names for s in anchor_sentences(name)]
+    f = F.normalize(encode_text(tokenize(sentences, context_length).to(device)), dim=-1)
+    f = f.view(len(names), len(sentences) // len(names), -1)  # (C, S, D)
+    n = len(NORMAL_STATES) * len(TEMPLATES)
+    return F.normalize(torch.stack([f[:, :n].mean(dim=1), f[:, n:].mean(dim=1)], dim=1), dim=-1)
+
+
+def similarity(patches, anchors):
+    """100 x cosine of every patch with its image's normal and abnormal anchor: (B, N, D), (B, 2, D) -> (B, 2, g, g)."""
+    s = CLIP_SCALE * patches @ anchors.transpose(1, 2)  # (B, N, 2)
+    g = math.isqrt(s.shape[1])
+    return s.transpose(1, 2).reshape(len(s), 2, g, g)  # (B, 2, g, g)
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def segmentation_probs(patches, anchors, size):
+    """Training: softmax over (normal, abnormal) of the upsampled similarities -> (B, 2, H, W)."""
+    return upsample(similarity(patches, anchors), size).softmax(dim=1)
+
+
+def gaussian_smooth(x, sigma):
+    """Separable Gaussian blur of (B, C, h, w) maps, kernel radius ceil(3 sigma) (7 taps for sigma 1, as AA-CLIP).
+    Edges are padded by replication: mirror padding would count a patch next to the border twice there and
+    move a peak onto the border, which matters on grids of 8 or 16 patches."""
+    r = math.ceil(3 * sigma)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    y = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (r, r, r, r), mode="replicate")  # (B*C, 1, h + 2r, w + 2r)
+    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))  # along rows, then columns
+    return y.view(x.shape)
+
+
+def anomaly_map(patches, anchors, size, sigma=1.0):
+    """Testing: score (s_abnormal + 1 - s_normal) / 2 per patch, Gaussian-smoothed on the patch grid,
+    upsampled -> (B, H, W). The maps of all levels are summed by the caller."""
+    s = similarity(patches, anchors)
+    score = (s[:, 1:] + 1 - s[:, :1]) / 2  # (B, 1, g, g)
+    if sigma > 0:
+        score = gaussian_smooth(score, sigma)
+    return upsample(score, size)[:, 0]
+
+
+def image_score(det, anchors):
+    """(<d, t_abnormal> + 1) / 2 in [0, 1], from the detection feature (B, D) and anchors (B, 2, D)."""
+    return ((det * anchors[:, 1]).sum(-1) + 1) / 2
+
+
+def focal_loss(probs, mask, gamma=2.0, smooth=1e-5):
+    """Focal loss (Lin et al. 2017) on probabilities (B, 2, H, W) against a {0, 1} mask (B, H, W), written as
+    AnomalyCLIP / AA-CLIP do: one-hot target clamped to [smooth, 1 - smooth], pt = <target, p> + smooth."""
+    target = torch.stack([1 - mask, mask], dim=1).clamp(smooth, 1 - smooth)  # (B, 2, H, W)
+    pt = (target * probs).sum(dim=1) + smooth
+    return (-(1 - pt) ** gamma * pt.log()).mean()
+
+
+def dice_loss(prob, target, smooth=1.0):
+    """1 - soft Dice (Milletari et al. 2016), (2 |P.T| + 1) / (|P| + |T| + 1) per image, averaged."""
+    p, t = prob.flatten(1), target.flatten(1)
+    return 1 - ((2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def seg_loss(probs, mask):
+    """AA-CLIP's segmentation loss: focal + Dice of the abnormal channel with the mask + Dice of the normal one
+    with its complement."""
+    return focal_loss(probs, mask) + dice_loss(probs[:, 1], mask) + dice_loss(probs[:, 0], 1 - mask)
+
+
+def orthogonal_loss(anchors):
+    """(mean over the batch of <t_normal, t_abnormal>)^2 for normalised anchors (B, 2, D): zero when they are
+    orthogonal. AA-CLIP adds it with weight 0.1 in stage 1 to pull the two anchors apart."""
+    return (anchors[:, 0] * anchors[:, 1]).sum(-1).mean() ** 2
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: per category maps, image scores and metrics
+
+
+def category_name(category):
+    return category.replace("_", " ")
+
+
+@torch.no_grad()
+def predict(model, images, anchors, adapted_image, sigma):
+    """Summed anomaly maps (B, H, W) and raw image scores (B,) for a batch of one category (anchors (2, D))."""
+    patches, det = model.encode_image(images) if adapted_image else model.surgery_features(images)
+    a = anchors.expand(len(images), 2, -1)
+    maps = sum(anomaly_map(p.float(), a, images.shape[-1], sigma) for p in patches)
+    return maps, image_score(det.float(), a)
+
+
+def minmax(x):
+    return (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(model, data, root, categories, anchors_of, adapted_image, args, device, keep_maps=False):
+    """{category: metrics} for each category of root; maps and image scores are min-max normalised per category
+    (AA-CLIP's metrics_eval) and the image score is 0.5 max(map) + 0.5 head score (industrial data)."""
+    results, kept = {}, {}
+    for c in categories:
+        pairs = [(it, c) for it in data(root, c)]
+        maps, scores, masks, labels = [], [], [], []
+        for images, label, mask, _ in loader(pairs, [c], model.cfg.img_size, args.batch_size, 0):
+            m, s = predict(model, images.to(device), anchors_of(c), adapted_image, args.sigma)
+            maps.append(m.cpu()), scores.append(s.cpu()), masks.append(mask[:, 0]), labels.append(label)
+        maps, scores, masks, labels = minmax(torch.cat(maps)), minmax(torch.cat(scores)), torch.cat(masks), torch.cat(labels)
+        final = 0.5 * maps.flatten(1).max(dim=1).values + 0.5 * scores
+        results[c] = {"image_auroc": auroc(final, labels), "image_ap": average_precision(final, labels),
+                      "pixel_auroc": pixel_auroc(maps, masks), "pixel_ap": pixel_ap(maps, masks),
+                      "images": len(labels), "defective": int(labels.sum())}
+        if keep_maps:
+            kept[c] = (pairs, maps)
+    return (results, kept) if keep_maps else results
+
+
+def mean_of(results, key):
+    return float(np.mean([r[key] for r in results.values()]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: stage 1 (text adapter), stage 2 (image adapter); the best val epoch of each is kept
+
+
+def stage1_loss(model, batch, names, ortho_weight, device):
+    images, _, masks, cls = (t.to(device) for t in batch)
+    anchors = text_anchors(model.encode_text, names, model.clip.config.text.context_length, device)[cls]  # (B, 2, D)
+    patches, _ = model.surgery_features(images)
+    loss = sum(seg_loss(segmentation_probs(p, anchors, images.shape[-1]), masks[:, 0]) for p in patches)  # all levels
+    return loss + ortho_weight * orthogonal_loss(anchors)
+
+
+def stage2_loss(model, batch, anchors, device):
+    images, labels, masks, cls = (t.to(device) for t in batch)
+    a = anchors[cls]  # (B, 2, D), fixed since stage 1
+    patches, det = model.encode_image(images)
+    logits = torch.einsum("bd,bkd->bk", det, a)  # raw cosines, no temperature (AA-CLIP)
+    seg = sum(seg_loss(segmentation_probs(p, a, images.shape[-1]), masks[:, 0]) for p in patches)
+    return F.cross_entropy(logits, labels) + seg
+
+
+def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=()):
+    """Adam (betas 0.5, 0.999, as AA-CLIP) over module's parameters; validate() after every epoch (and before the
+    first) scores the module on val, and the best-scoring state is loaded at the end. Returns the history."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.5)
+    best, best_state, history = validate(), copy.deepcopy(module.state_dict()), []
+    print(f"{name} epoch 0: val {best:.4f} (before training)")
+    for epoch in range(1, epochs + 1):
+        t0, losses, skipped = time.time(), [], 0
+        for batch in batches:
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):  # a bad batch is skipped, never stepped on
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()  # milestones count iterations, as in AA-CLIP
+            losses.append(loss.item())
+        score = validate()
+        history.append({"stage": name, "epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
+                        "val": score, "skipped": skipped, "seconds": round(time.time() - t0, 1)})
+        print(f"{name} epoch {epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}, val {score:.4f}"
+              + (f", {skipped} non-finite batches skipped" if skipped else "") + f" ({history[-1]['seconds']} s)")
+        if score > best:
+            best, best_state = score, copy.deepcopy(module.state_dict())
+    module.load_state_dict(best_state)
+    print(f"{name}: kept the state with the best val score {best:.4f}")
+    return history
+
+
+def add_args(parser):
+    """AA-CLIP's flags (train.py --method aa-clip). Defaults are scaled to small models and data; the article's
+    values (ViT-L/14-336 trained on all of VisA) are in each help."""
+    g = parser.add_argument_group("AA-CLIP anomaly adapters (aa_clip.py, --method aa-clip)")
+    g.add_argument("--text-epoch", type=int, default=10, help="stage 1 epochs (article: 5)")
+    g.add_argument("--image-epoch", type=int, default=20, help="stage 2 epochs (article: 20)")
+    g.add_argument("--text-lr", type=float, default=1e-3, help="stage 1 Adam lr (article: 1e-5, for thousands of steps)")
+    g.add_argument("--image-lr", type=float, default=5e-4, help="stage 2 Adam lr (article: 5e-4)")
+    g.add_argument("--surgery-until-layer", type=int, default=None,
+                   help="V-V attention in the last N-1 image blocks (article: 20 of 24); default: from the first level on")
+    g.add_argument("--img-size", type=int, default=None, help="input size (article: 518 for a 336-px CLIP); default: 2x the model's")
+    g.add_argument("--text-norm-weight", type=float, default=0.1, help="orthogonality loss weight (article: 0.1)")
+    g.add_argument("--text-adapt-weight", type=float, default=0.1, help="lambda of the text adapters (article: 0.1)")
+    g.add_argument("--image-adapt-weight", type=float, default=0.1, help="lambda of the image adapters (article: 0.1)")
+    g.add_argument("--relu", action="store_true", help="a ReLU after the per-level projections (article's --relu)")
+    g.add_argument("--train-categories", nargs="+", default=None, help=f"default: all of --data ({' '.join(BUILTIN_TRAIN)} for the built-in)")
+    g.add_argument("--test-data", default=None, help="data tested once at the end (default: --data)")
+    g.add_argument("--test-categories", nargs="*", default=None,
+                   help=f"categories of --test-data tested at the end (default: {' '.join(BUILTIN_TEST)} for the built-in, "
+                        "all for another --test-data; none if --test-data is --data)")
+    g.add_argument("--val-fraction", type=float, default=0.3, help="share of each training category's test images held out for selection")
+    g.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in patches (article: 1)")
+    return parser
+
+
+def resolve(args):
+    """Defaults that depend on the data and on which shared flags were typed (args.typed, set by train.py)."""
+    hp = argparse.Namespace(**vars(args))
+    typed = getattr(args, "typed", None)
+    given = lambda k: getattr(args, k, None) is not None and (typed is None or k in typed)
+    hp.batch_size = args.batch_size if given("batch_size") else 16  # article: 16 (text) and 2 (image, at 518 px)
+    hp.shots = args.shots if given("shots") else 0  # 0: every image of the training categories
+    hp.out = args.out if given("out") else str(ROOT / "out" / "aa-clip")
+    builtin = args.data is None
+    hp.data = str(ensure_anomaly_shapes()) if builtin else args.data
+    hp.train_categories = args.train_categories or (BUILTIN_TRAIN if builtin else list_categories(hp.data))
+    hp.test_data = args.test_data or hp.data
+    if args.test_categories is not None:
+        hp.test_categories = args.test_categories
+    elif builtin and args.test_data is None:
+        hp.test_categories = BUILTIN_TEST
+    else:
+        hp.test_categories = [] if hp.test_data == hp.data else list_categories(hp.test_data)
+    if hp.test_data == hp.data and set(hp.test_categories) & set(hp.train_categories):
+        raise ValueError(f"--test-categories {sorted(set(hp.test_categories) & set(hp.train_categories))} are also "
+                         "training categories: the zero-shot protocol tests on categories never trained on")
+    for k in ("epochs", "lr"):
+        if typed and k in typed:
+            print(f"note: --{k.replace('_', '-')} is not used by aa-clip (see --text-epoch, --image-epoch, --text-lr, --image-lr)")
+    return hp
+
+
+def run(args):
+    """python train.py --method aa-clip: stage 1, stage 2, save OUT/aa_clip.pt, test once on the test categories."""
+    from train import pick_device
+    hp = resolve(args)
+    if args.init in (None, "scratch"):
+        raise ValueError("--method aa-clip adapts a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
+    torch.manual_seed(hp.seed)
+    device = pick_device(hp.device, 0)
+    clip = load_checkpoint(hp.init, verbose=True)
+    cfg = AAConfig.for_model(clip.config, hp.img_size, hp.surgery_until_layer,
+                             image_adapt_weight=hp.image_adapt_weight, text_adapt_weight=hp.text_adapt_weight, relu=hp.relu)
+    model = AACLIP(clip, cfg).to(device)
+    out = Path(hp.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_pairs, val_pairs = split_train_val(hp.data, hp.train_categories, hp.val_fraction, hp.shots, hp.seed)
+    print(f"aa-clip: {cfg}\ntrain {len(train_pairs)} / val {len(val_pairs)} images of {', '.join(hp.train_categories)} "
+          f"({hp.data}); test categories: {', '.join(hp.test_categories) or 'none'}")
+    names = [category_name(c) for c in hp.train_categories]
+    ctx_len = clip.config.text.context_length
+    val_items = lambda root, c: [it for it, cat in val_pairs if cat == c]
+    t0 = time.time()
+
+    def val_score(adapted_image):  # mean over training categories of (pixel AUROC + image AUROC) / 2
+        anchors = text_anchors(model.encode_text, names, ctx_len, device)
+        r = evaluate(model, val_items, hp.data, hp.train_categories, lambda c: anchors[hp.train_categories.index(c)],
+                     adapted_image, hp, device)
+        return (mean_of(r, "pixel_auroc") + mean_of(r, "image_auroc")) / 2
+
+    batches = loader(train_pairs, hp.train_categories, cfg.img_size, hp.batch_size, hp.workers, augmentation(False), hp.seed)
+    history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device), batches,
+                  hp.text_epoch, hp.text_lr, lambda: val_score(False))
+    with torch.no_grad():
+        anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
+    batches = loader(train_pairs, hp.train_categories, cfg.img_size, hp.batch_size, hp.workers, augmentation(True), hp.seed + 1)
+    total = hp.image_epoch * len(batches)
+    history += fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
+                   hp.image_epoch, hp.image_lr, lambda: val_score(True), milestones=(int(0.15 * total), int(0.3 * total)))
+    print(f"trained in {time.time() - t0:.0f} s")
+    save(model, out / "aa_clip.pt", hp, history)
+    results = {"history": history, "train_categories": hp.train_categories, "test_categories": hp.test_categories}
+    if hp.test_categories:  # the test images are read here, once, after all selection
+        results["adapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out)
+        results["unadapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out, adapted=False)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def save(model, path, hp, history):
+    keep = ("init", "data", "train_categories", "test_data", "test_categories", "shots", "seed", "text_norm_weight")
+    state = {"format": FORMAT, "init": str(Path(hp.init).resolve()), "clip_config": model.clip.config.to_dict(),
+             "aa_config": asdict(model.cfg), "args": {k: getattr(hp, k) for k in keep}, "history": history,
+             "text_adapter": model.text_adapter.state_dict(), "image_adapter": model.image_adapter.state_dict()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    print(f"saved {path} (adapters only; the frozen CLIP is read from {state['init']})")
+
+
+def load(path, init=None, img_size=None, device="cpu"):
+    """An AA-CLIP file (adapted, True) or any CLIP checkpoint (un-adapted, False) -> (AACLIP, adapted, saved dict)."""
+    saved = torch_load(path) if Path(path).suffix in (".pt", ".pth", ".bin") and Path(path).is_file() else None
+    if not (isinstance(saved, dict) and saved.get("format") == FORMAT):
+        clip = load_checkpoint(path, verbose=True)
+        return AACLIP(clip, AAConfig.for_model(clip.config, img_size)).to(device), False, {}
+    base = init or saved["init"]
+    if not Path(base).exists():
+        raise FileNotFoundError(f"{path} adapts the CLIP {base}, which is not there: pass --init PATH to it")
+    clip = load_checkpoint(base)
+    if clip.config.to_dict() != saved["clip_config"]:
+        raise CheckpointError(f"{base} is not the model {path} was trained on (its config differs); pass --init")
+    cfg = AAConfig(**saved["aa_config"])
+    if img_size and img_size != cfg.img_size:
+        cfg = AAConfig(**dict(saved["aa_config"], img_size=AAConfig.for_model(clip.config, img_size).img_size))
+    model = AACLIP(clip, cfg)
+    model.text_adapter.load_state_dict(saved["text_adapter"])
+    model.image_adapter.load_state_dict(saved["image_adapter"])
+    return model.to(device), True, saved
+
+
+def resolve_test_data(args, saved):
+    """test.py anomaly: --data/--categories, else the AA-CLIP file's test data, else the built-in test categories."""
+    trained = saved.get("args", {})
+    if args.data:
+        root = args.data
+        categories = args.categories or list_categories(root)
+    elif trained.get("test_categories"):
+        root, categories = trained["test_data"], args.categories or trained["test_categories"]
+    else:
+        root, categories = str(ensure_anomaly_shapes()), args.categories or BUILTIN_TEST
+    unknown = sorted(set(categories) - set(list_categories(root)))
+    if unknown:
+        raise ValueError(f"no categories {unknown} in {root}; it has: {', '.join(list_categories(root))}")
+    seen = set(categories) & set(trained.get("train_categories", [])) if root == trained.get("data") else set()
+    if seen:
+        print(f"warning: {sorted(seen)} were training categories of this checkpoint: not a zero-shot result")
+    return root, categories
+
+
+def test_report(model, root, categories, hp, device, out, adapted=True):
+    """Evaluate on the test categories (read here, once), print and write the table and the overlays."""
+    ctx_len = model.clip.config.text.context_length
+    names = [category_name(c) for c in categories]
+    with torch.no_grad():
+        encode = model.encode_text if adapted else model.clip.encode_text
+        anchors = text_anchors(encode, names, ctx_len, device)
+    results, kept = evaluate(model, lambda r, c: read_items(r, c, "test"), root, categories,
+                             lambda c: anchors[categories.index(c)], adapted, hp, device, keep_maps=True)
+    table = per_category_table(results)
+    title = "AA-CLIP (adapted)" if adapted else "CLIP (un-adapted: V-V patch features, CLIP's own text anchors)"
+    print(f"\n{title} on {root}:\n{table}")
+    tag = "" if adapted else "_unadapted"
+    save_overlays(kept, Path(out) / f"overlays{tag}", model.cfg.img_size)
+    (Path(out) / f"table{tag}.md").write_text(f"{title}\n\n{table}\n")
+    print(f"wrote {Path(out) / f'table{tag}.md'} and anomaly-map overlays in {Path(out) / f'overlays{tag}'}/")
+    return {"test": results, "mean": {k: mean_of(results, k) for k in ("image_auroc", "pixel_auroc", "pixel_ap")}}
