@@ -3,7 +3,7 @@
 #   make test  - create .venv, install requirements-dev.txt (adds pytest and the reference implementations), run the tests
 PY := .venv/bin/python
 
-.PHONY: run test bench adapters clean
+.PHONY: run test bench adapters anomaly clean
 
 .venv/runtime.stamp: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -30,3 +30,7 @@ clean:
 
 adapters: .venv/runtime.stamp
 	$(PY) adapters.py benchmark
+
+anomaly: .venv/runtime.stamp
+	test -f out/shapes/last.pt || $(MAKE) run
+	$(PY) train.py --method aa-clip --init out/shapes/last.pt

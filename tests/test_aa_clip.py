@@ -382,11 +382,18 @@ def trained(data_root, xs_checkpoint, tmp_path_factory):
     return out, results
 
 
-def test_train_aa_clip_writes_checkpoint_results_and_overlays(trained):
-    """train.py --method aa-clip saves aa_clip.pt, results.json (adapted and unadapted, metrics in [0, 1]) and PNGs."""
+def test_train_aa_clip_writes_checkpoint_results_and_overlays(trained, capsys):
+    """train.py --method aa-clip saves aa_clip.pt, results.json (adapted and unadapted, metrics in [0, 1]) and PNGs;
+    `python aa_clip.py summary` tabulates runs."""
     out, results = trained
     assert (out / "aa_clip.pt").is_file()
     saved = json.loads((out / "results.json").read_text())
+    assert saved["seed"] == 0 and saved["torch"] == torch.__version__ and saved["device"] == "cpu"
+    capsys.readouterr()
+    aa_clip.summary([out, out])  # the same run twice: every std is 0
+    table = capsys.readouterr().out
+    mean = 100 * saved["adapted"]["mean"]["pixel_auroc"]
+    assert "| AA-CLIP | mean | " in table and f"{mean:.1f} ± 0.0" in table and "(seeds 0, 0)" in table
     assert saved["train_categories"] == ["tiles", "tablet"] and saved["test_categories"] == ["weave", "bolt"]
     assert [h["stage"] for h in saved["history"]] == ["text", "image"]
     for kind in ("adapted", "unadapted"):
