@@ -358,8 +358,13 @@ def split_train_val(root, categories, val_fraction, shots, seed):
         held = []
         for label in (0, 1):
             group = [it for it in test if it[1] == label]
-            held += rng.sample(group, round(val_fraction * len(group)))
-        pool = [it for it in read_items(root, c, "train") + test if it not in held]
+            k = round(val_fraction * len(group))
+            if k == 0:
+                raise ValueError(f"category {c!r} of {root}: --val-fraction {val_fraction} of its {len(group)} "
+                                 f"{'defective' if label else 'good'} test images holds out none; validation needs both kinds")
+            held += rng.sample(group, k)
+        held_set = set(held)
+        pool = [it for it in read_items(root, c, "train") + test if it not in held_set]
         if shots:
             pool = rng.sample(pool, min(shots, len(pool)))
         train += [(it, c) for it in pool]

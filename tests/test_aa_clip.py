@@ -449,3 +449,9 @@ def test_bad_input_gives_one_line_errors(data_root, xs_checkpoint, tmp_path):
         cli.main(["anomaly", "--checkpoint", str(xs_checkpoint), "--data", str(data_root), "--categories", "weave",
                   "carpet", "--out", str(tmp_path / "y")])
     assert str(e.value).startswith("error:") and "carpet" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_split_needs_good_and_defective_val_images(data_root):
+    """A --val-fraction that holds out no good or no defective image of a category is refused, naming it."""
+    with pytest.raises(ValueError, match="'tiles'.*val-fraction"):
+        split_train_val(data_root, ["tiles"], 0.01, 0, 0)
