@@ -33,4 +33,4 @@ adapters: .venv/runtime.stamp
 
 anomaly: .venv/runtime.stamp
 	test -f out/shapes/last.pt || $(MAKE) run
-	$(PY) train.py --method aa-clip --init out/shapes/last.pt
+	$(PY) train.py --method aa-clip --init out/shapes/last.pt $$(test -f out/aa-clip/aa_state.pt && echo --resume)

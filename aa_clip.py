@@ -360,15 +360,27 @@ def stage2_loss(model, batch, anchors, device):
     return F.cross_entropy(logits, labels) + seg
 
 
-def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=()):
+def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=(), seed=0, resume=None, on_epoch=None):
     """Adam (betas 0.5, 0.999, as AA-CLIP) over module's parameters; validate() after every epoch (and before the
-    first) scores the module on val, and the best-scoring state is loaded at the end. Returns the history."""
+    first) scores the module on val, and the best-scoring state is loaded at the end. Returns the history.
+    resume: the state on_epoch(state) was given after some epoch of an interrupted run; training goes on from there.
+    Each epoch's data order and augmentation depend only on (seed, epoch), so a resumed run repeats them exactly."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.5)
-    best, best_state, history = validate(), copy.deepcopy(module.state_dict()), []
-    print(f"{name} epoch 0: val {best:.4f} (before training)")
-    for epoch in range(1, epochs + 1):
+    if resume:
+        module.load_state_dict(resume["module"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        best, best_state, history, start = resume["best"], resume["best_state"], resume["history"], resume["epoch"] + 1
+        print(f"{name}: resuming after epoch {resume['epoch']} of {epochs}")
+    else:
+        best, best_state, history, start = validate(), copy.deepcopy(module.state_dict()), [], 1
+        print(f"{name} epoch 0: val {best:.4f} (before training)")
+    for epoch in range(start, epochs + 1):
         t0, losses, skipped = time.time(), [], 0
+        torch.manual_seed(seed * 1000 + epoch)  # augmentation draws (workers=0)
+        if getattr(batches, "generator", None) is not None:
+            batches.generator.manual_seed(seed * 1000 + epoch)  # shuffling, and the workers' seeds
         for batch in batches:
             loss = loss_fn(batch)
             if not torch.isfinite(loss):  # a bad batch is skipped, never stepped on
@@ -386,6 +398,9 @@ def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=()):
               + (f", {skipped} non-finite batches skipped" if skipped else "") + f" ({history[-1]['seconds']} s)")
         if score > best:
             best, best_state = score, copy.deepcopy(module.state_dict())
+        if on_epoch:
+            on_epoch({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "epoch": epoch, "best": best, "best_state": best_state, "history": history})
     module.load_state_dict(best_state)
     print(f"{name}: kept the state with the best val score {best:.4f}")
     return history
@@ -443,43 +458,27 @@ def resolve(args):
     return hp
 
 
+RESUME_KEYS = ("init", "data", "train_categories", "shots", "seed", "val_fraction", "batch_size", "text_epoch",
+               "image_epoch", "text_lr", "image_lr", "text_norm_weight")  # what defines a run, checked by --resume
+
+
 def run(args):
     """python train.py --method aa-clip: stage 1, stage 2, save OUT/aa_clip.pt, test once on the test categories."""
     from train import pick_device
     hp = resolve(args)
     if args.init in (None, "scratch"):
         raise ValueError("--method aa-clip adapts a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
-    torch.manual_seed(hp.seed)
     device = pick_device(hp.device, 0)
     clip = load_checkpoint(hp.init, verbose=True)
     cfg = AAConfig.for_model(clip.config, hp.img_size, hp.surgery_until_layer,
                              image_adapt_weight=hp.image_adapt_weight, text_adapt_weight=hp.text_adapt_weight, relu=hp.relu)
+    torch.manual_seed(hp.seed)  # the adapters' initialisation
     model = AACLIP(clip, cfg).to(device)
     out = Path(hp.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_pairs, val_pairs = split_train_val(hp.data, hp.train_categories, hp.val_fraction, hp.shots, hp.seed)
-    print(f"aa-clip: {cfg}\ntrain {len(train_pairs)} / val {len(val_pairs)} images of {', '.join(hp.train_categories)} "
-          f"({hp.data}); test categories: {', '.join(hp.test_categories) or 'none'}")
-    names = [category_name(c) for c in hp.train_categories]
-    ctx_len = clip.config.text.context_length
-    val_items = lambda root, c: [it for it, cat in val_pairs if cat == c]
+    settings = {k: getattr(hp, k) for k in RESUME_KEYS} | {"init": str(Path(hp.init).resolve()), "config": asdict(cfg)}
+    record = check_resume(out, settings, hp.resume)
     t0 = time.time()
-
-    def val_score(adapted_image):  # mean over training categories of (pixel AUROC + image AUROC) / 2
-        anchors = text_anchors(model.encode_text, names, ctx_len, device)
-        r = evaluate(model, val_items, hp.data, hp.train_categories, lambda c: anchors[hp.train_categories.index(c)],
-                     adapted_image, hp, device)
-        return (mean_of(r, "pixel_auroc") + mean_of(r, "image_auroc")) / 2
-
-    batches = loader(train_pairs, hp.train_categories, cfg.img_size, hp.batch_size, hp.workers, augmentation(False), hp.seed)
-    history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device), batches,
-                  hp.text_epoch, hp.text_lr, lambda: val_score(False))
-    with torch.no_grad():
-        anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
-    batches = loader(train_pairs, hp.train_categories, cfg.img_size, hp.batch_size, hp.workers, augmentation(True), hp.seed + 1)
-    total = hp.image_epoch * len(batches)  # AA-CLIP halves the lr at iterations 16k and 32k (~15 % and 30 % of its run)
-    history += fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
-                   hp.image_epoch, hp.image_lr, lambda: val_score(True), milestones=(max(1, int(0.15 * total)), max(2, int(0.3 * total))))
+    history = train_stages(model, hp, device, record, out / "aa_state.pt")
     print(f"trained in {time.time() - t0:.0f} s")
     save(model, out / "aa_clip.pt", hp, history)
     results = {"method": "aa-clip", "init": hp.init, "data": hp.data, "seed": hp.seed, "device": str(device),
@@ -490,6 +489,61 @@ def run(args):
         results["unadapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out, adapted=False)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def check_resume(out, settings, resume):
+    """The saved stage states of OUT/aa_state.pt for --resume ({} to start); never overwrites a run without it."""
+    path = out / "aa_state.pt"
+    if not resume:
+        for existing in (path, out / "aa_clip.pt"):
+            if existing.exists():
+                raise ValueError(f"{existing} exists: pass --resume to continue (or re-test) that run, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        return {"settings": settings}
+    if not path.exists():
+        raise ValueError(f"--resume: {path} does not exist (run without --resume to start)")
+    record = torch_load(path)
+    changed = {k: (record["settings"].get(k), v) for k, v in settings.items() if record["settings"].get(k) != v}
+    if changed:
+        raise ValueError(f"--resume: {path} was trained with other settings: "
+                         + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items()))
+    return record
+
+
+def train_stages(model, hp, device, record, state_path):
+    """Stage 1 (text adapter on the V-V features), then stage 2 (image adapter, anchors frozen); after every epoch
+    both stages' states are written to state_path, so an interrupted run resumes where it stopped."""
+    train_pairs, val_pairs = split_train_val(hp.data, hp.train_categories, hp.val_fraction, hp.shots, hp.seed)
+    print(f"aa-clip: {model.cfg}\ntrain {len(train_pairs)} / val {len(val_pairs)} images of "
+          f"{', '.join(hp.train_categories)} ({hp.data}); test categories: {', '.join(hp.test_categories) or 'none'}")
+    names, ctx_len = [category_name(c) for c in hp.train_categories], model.clip.config.text.context_length
+    val_items = lambda root, c: [it for it, cat in val_pairs if cat == c]
+
+    def val_score(adapted_image):  # mean over training categories of (pixel AUROC + image AUROC) / 2
+        anchors = text_anchors(model.encode_text, names, ctx_len, device)
+        r = evaluate(model, val_items, hp.data, hp.train_categories, lambda c: anchors[hp.train_categories.index(c)],
+                     adapted_image, hp, device)
+        return (mean_of(r, "pixel_auroc") + mean_of(r, "image_auroc")) / 2
+
+    def saver(stage):
+        def save_epoch(state):
+            record[stage] = state
+            torch.save(record, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)  # atomic: a kill never leaves half a file
+        return save_epoch
+
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(False))
+    history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device),
+                  batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), seed=hp.seed,
+                  resume=record.get("text"), on_epoch=saver("text"))
+    with torch.no_grad():
+        anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(True))
+    total = hp.image_epoch * len(batches)  # AA-CLIP halves the lr at iterations 16k and 32k (~15 % and 30 % of its run)
+    return history + fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
+                         hp.image_epoch, hp.image_lr, lambda: val_score(True), seed=hp.seed + 1,
+                         milestones=(max(1, int(0.15 * total)), max(2, int(0.3 * total))),
+                         resume=record.get("image"), on_epoch=saver("image"))
 
 
 def save(model, path, hp, history):

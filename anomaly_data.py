@@ -397,10 +397,11 @@ class CategoryDataset(AnomalyDataset):
 
 
 def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0):
+    """Training (augment given): shuffled; the order and the workers' augmentation seeds come from the loader's
+    generator at the start of each epoch (workers are not persistent, so re-seeding it repeats an epoch)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(CategoryDataset(pairs, categories, size, augment), batch_size=batch_size,
-                                       shuffle=augment is not None, num_workers=workers, generator=generator,
-                                       persistent_workers=workers > 0)
+                                       shuffle=augment is not None, num_workers=workers, generator=generator)
 
 # ----------------------------------------------------------------------------------------------------------
 # Previews, anomaly-map overlays and the command line

@@ -455,3 +455,36 @@ def test_split_needs_good_and_defective_val_images(data_root):
     """A --val-fraction that holds out no good or no defective image of a category is refused, naming it."""
     with pytest.raises(ValueError, match="'tiles'.*val-fraction"):
         split_train_val(data_root, ["tiles"], 0.01, 0, 0)
+
+
+def test_interrupted_run_resumes_to_the_same_adapters(data_root, xs_checkpoint, tmp_path, monkeypatch):
+    """A run stopped after image epoch 1 and resumed with --resume ends with the adapters and test numbers of an
+    uninterrupted run; without --resume an existing run is never overwritten."""
+    argv = lambda out: ["--method", "aa-clip", "--init", str(xs_checkpoint), "--data", str(data_root),
+                        "--train-categories", "tiles", "tablet", "--test-categories", "weave", "--text-epoch", "1",
+                        "--image-epoch", "2", "--out", str(out), "--workers", "0", "--batch-size", "8"]
+    whole = train.main(argv(tmp_path / "whole"))
+    n_batches = math.ceil(len(split_train_val(data_root, ["tiles", "tablet"], 0.3, 0, 0)[0]) / 8)
+    calls, stage2 = [0], aa_clip.stage2_loss
+
+    def stop_in_epoch_2(*args):
+        calls[0] += 1
+        if calls[0] == n_batches + 2:  # the second batch of image epoch 2
+            raise KeyboardInterrupt
+        return stage2(*args)
+    monkeypatch.setattr(aa_clip, "stage2_loss", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(tmp_path / "cut"))
+    monkeypatch.setattr(aa_clip, "stage2_loss", stage2)
+    assert not (tmp_path / "cut" / "aa_clip.pt").exists()
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(argv(tmp_path / "cut"))  # the interrupted run is kept, not overwritten
+    resumed = train.main(argv(tmp_path / "cut") + ["--resume"])
+    a, b = (torch.load(p / "aa_clip.pt", weights_only=True) for p in (tmp_path / "whole", tmp_path / "cut"))
+    for part in ("text_adapter", "image_adapter"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert resumed["adapted"]["test"] == whole["adapted"]["test"]
+    assert [h["val"] for h in resumed["history"]] == [h["val"] for h in whole["history"]]
+    with pytest.raises(SystemExit, match="image_epoch was 2, now 3"):
+        train.main(argv(tmp_path / "cut")[:-8] + ["--image-epoch", "3", "--out", str(tmp_path / "cut"), "--workers",
+                                                   "0", "--batch-size", "8", "--resume"])
