@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -360,11 +361,11 @@ def stage2_loss(model, batch, anchors, device):
     return F.cross_entropy(logits, labels) + seg
 
 
-def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=(), seed=0, resume=None, on_epoch=None):
+def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=(), resume=None, on_epoch=None):
     """Adam (betas 0.5, 0.999, as AA-CLIP) over module's parameters; validate() after every epoch (and before the
     first) scores the module on val, and the best-scoring state is loaded at the end. Returns the history.
     resume: the state on_epoch(state) was given after some epoch of an interrupted run; training goes on from there.
-    Each epoch's data order and augmentation depend only on (seed, epoch), so a resumed run repeats them exactly."""
+    The loader's order and augmentation depend only on (seed, epoch), so a resumed run repeats them exactly."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.5)
     if resume:
@@ -378,9 +379,8 @@ def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=(), see
         print(f"{name} epoch 0: val {best:.4f} (before training)")
     for epoch in range(start, epochs + 1):
         t0, losses, skipped = time.time(), [], 0
-        torch.manual_seed(seed * 1000 + epoch)  # augmentation draws (workers=0)
-        if getattr(batches, "generator", None) is not None:
-            batches.generator.manual_seed(seed * 1000 + epoch)  # shuffling, and the workers' seeds
+        if hasattr(getattr(batches, "sampler", None), "set_epoch"):
+            batches.sampler.set_epoch(epoch)  # order and augmentation: functions of (seed, epoch)
         for batch in batches:
             loss = loss_fn(batch)
             if not torch.isfinite(loss):  # a bad batch is skipped, never stepped on
@@ -468,6 +468,8 @@ def run(args):
     hp = resolve(args)
     if args.init in (None, "scratch"):
         raise ValueError("--method aa-clip adapts a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("--method aa-clip trains small adapters in one process: run it with python, not torchrun")
     device = pick_device(hp.device, 0)
     clip = load_checkpoint(hp.init, verbose=True)
     cfg = AAConfig.for_model(clip.config, hp.img_size, hp.surgery_until_layer,
@@ -532,16 +534,18 @@ def train_stages(model, hp, device, record, state_path):
             state_path.with_suffix(".tmp").replace(state_path)  # atomic: a kill never leaves half a file
         return save_epoch
 
-    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(False))
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(False),
+                     seed=hp.seed)
     history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device),
-                  batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), seed=hp.seed,
-                  resume=record.get("text"), on_epoch=saver("text"))
+                  batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), resume=record.get("text"),
+                  on_epoch=saver("text"))
     with torch.no_grad():
         anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
-    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(True))
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(True),
+                     seed=hp.seed + 1)
     total = hp.image_epoch * len(batches)  # AA-CLIP halves the lr at iterations 16k and 32k (~15 % and 30 % of its run)
     return history + fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
-                         hp.image_epoch, hp.image_lr, lambda: val_score(True), seed=hp.seed + 1,
+                         hp.image_epoch, hp.image_lr, lambda: val_score(True),
                          milestones=(max(1, int(0.15 * total)), max(2, int(0.3 * total))),
                          resume=record.get("image"), on_epoch=saver("image"))
 

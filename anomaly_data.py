@@ -44,6 +44,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, v2
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
+from data import EpochSampler, sample_rng
 from transform import image_transform, load_image
 
 VERSION = 2  # bump when the drawing code changes, so cached datasets are regenerated
@@ -386,22 +387,28 @@ def augmentation(colour):
 
 
 class CategoryDataset(AnomalyDataset):
-    """AnomalyDataset items that also return their category's index, for the per-image text anchors."""
+    """AnomalyDataset items that also return their category's index, for the per-image text anchors. Keys may be
+    (epoch, index) pairs from data.EpochSampler: the augmentation is then drawn from a seed that depends only on
+    (seed, epoch, index), not on the worker or on what ran before, so a resumed run repeats an epoch exactly."""
 
-    def __init__(self, pairs, categories, image_size, augment=None):
+    def __init__(self, pairs, categories, image_size, augment=None, seed=0):
         super().__init__([it for it, _ in pairs], image_size, augment)
-        self.category = [categories.index(c) for _, c in pairs]
+        self.category, self.seed = [categories.index(c) for _, c in pairs], seed
 
-    def __getitem__(self, i):
-        return (*super().__getitem__(i), self.category[i])
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(sample_rng(self.seed, epoch, i).getrandbits(63))  # torchvision's v2 draws from torch
+            return (*super().__getitem__(i), self.category[i])
 
 
 def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0):
-    """Training (augment given): shuffled; the order and the workers' augmentation seeds come from the loader's
-    generator at the start of each epoch (workers are not persistent, so re-seeding it repeats an epoch)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(CategoryDataset(pairs, categories, size, augment), batch_size=batch_size,
-                                       shuffle=augment is not None, num_workers=workers, generator=generator)
+    """Evaluation: in order. Training (augment given): data.EpochSampler's shuffled order, a function of (seed,
+    epoch); call loader.sampler.set_epoch(epoch) before each epoch."""
+    dataset = CategoryDataset(pairs, categories, size, augment, seed)
+    sampler = EpochSampler(len(dataset), seed) if augment is not None else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       persistent_workers=workers > 0)
 
 # ----------------------------------------------------------------------------------------------------------
 # Previews, anomaly-map overlays and the command line

@@ -488,3 +488,17 @@ def test_interrupted_run_resumes_to_the_same_adapters(data_root, xs_checkpoint, 
     with pytest.raises(SystemExit, match="image_epoch was 2, now 3"):
         train.main(argv(tmp_path / "cut")[:-8] + ["--image-epoch", "3", "--out", str(tmp_path / "cut"), "--workers",
                                                    "0", "--batch-size", "8", "--resume"])
+
+
+def test_training_batches_depend_only_on_seed_and_epoch(data_root):
+    """Shuffled, augmented training batches are the same with 0 or 2 workers and change with the epoch."""
+    from anomaly_data import augmentation, loader
+    pairs, _ = split_train_val(data_root, ["tiles", "tablet"], 0.3, 0, 0)
+
+    def epoch(workers, e):
+        batches = loader(pairs, ["tiles", "tablet"], 32, 4, workers, augmentation(True), seed=5)
+        batches.sampler.set_epoch(e)
+        return list(batches)
+    same, other = epoch(0, 3), epoch(2, 3)
+    assert len(same) == len(other) and all(torch.equal(x, y) for a, b in zip(same, other) for x, y in zip(a, b))
+    assert not torch.equal(same[0][0], epoch(0, 4)[0][0])
