@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from adapters import CLIP_SCALE, residual_blend
 from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
-from model import CheckpointError, load_checkpoint, torch_load
+from model import CheckpointError, is_torchscript, load_checkpoint, torch_load
 from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent
@@ -192,7 +192,7 @@ class AACLIP(nn.Module):
         image embedding added, as AA-CLIP does. Returns [(B, N, D)] per level and the image embedding (B, D)."""
         v = self.clip.visual
         blocks = v.transformer.resblocks
-        first_vv = len(blocks) - (self.cfg.surgery_until_layer - 1)
+        first_vv = len(blocks) - (self.cfg.surgery_until_layer - 1)  # 0-based index of the first block with V-V
         x, x_vv, levels = embed_patches(v, images), None, []
         for i, block in enumerate(blocks):
             if i >= first_vv:
@@ -258,7 +258,7 @@ def anomaly_map(patches, anchors, size, sigma=1.0):
     """Testing: score (s_abnormal + 1 - s_normal) / 2 per patch, Gaussian-smoothed on the patch grid,
     upsampled -> (B, H, W). The maps of all levels are summed by the caller."""
     s = similarity(patches, anchors)
-    score = (s[:, 1:] + 1 - s[:, :1]) / 2  # (B, 1, g, g)
+    score = (s[:, 1:] + 1 - s[:, :1]) / 2  # (B, 1, g, g); the reference's formula: a shifted, halved s_a - s_n
     if sigma > 0:
         score = gaussian_smooth(score, sigma)
     return upsample(score, size)[:, 0]
@@ -318,7 +318,8 @@ def minmax(x):
 @torch.no_grad()
 def evaluate(model, data, root, categories, anchors_of, adapted_image, args, device, keep_maps=False):
     """{category: metrics} for each category of root; maps and image scores are min-max normalised per category
-    (AA-CLIP's metrics_eval) and the image score is 0.5 max(map) + 0.5 head score (industrial data)."""
+    (AA-CLIP's metrics_eval; this uses all test images of the category at once, as the reference does) and the
+    image score is 0.5 max(map) + 0.5 head score (industrial data)."""
     results, kept = {}, {}
     for c in categories:
         pairs = [(it, c) for it in data(root, c)]
@@ -328,8 +329,11 @@ def evaluate(model, data, root, categories, anchors_of, adapted_image, args, dev
             maps.append(m.cpu()), scores.append(s.cpu()), masks.append(mask[:, 0]), labels.append(label)
         maps, scores, masks, labels = minmax(torch.cat(maps)), minmax(torch.cat(scores)), torch.cat(masks), torch.cat(labels)
         final = 0.5 * maps.flatten(1).max(dim=1).values + 0.5 * scores
-        results[c] = {"image_auroc": auroc(final, labels), "image_ap": average_precision(final, labels),
-                      "pixel_auroc": pixel_auroc(maps, masks), "pixel_ap": pixel_ap(maps, masks),
+        both = lambda y: 0 < int(y.sum()) < y.numel()  # AUROC and AP need good and defective images (pixels)
+        results[c] = {"image_auroc": auroc(final, labels) if both(labels) else None,
+                      "image_ap": average_precision(final, labels) if both(labels) else None,
+                      "pixel_auroc": pixel_auroc(maps, masks) if both(masks > 0.5) else None,
+                      "pixel_ap": pixel_ap(maps, masks) if both(masks > 0.5) else None,
                       "images": len(labels), "defective": int(labels.sum())}
         if keep_maps:
             kept[c] = (pairs, maps)
@@ -337,7 +341,9 @@ def evaluate(model, data, root, categories, anchors_of, adapted_image, args, dev
 
 
 def mean_of(results, key):
-    return float(np.mean([r[key] for r in results.values()]))
+    """The mean over categories, leaving out those where the metric is undefined (one class only)."""
+    values = [r[key] for r in results.values() if r[key] is not None]
+    return float(np.mean(values)) if values else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,9 +446,10 @@ def resolve(args):
     hp.shots = args.shots if given("shots") else 0  # 0: every image of the training categories
     hp.out = args.out if given("out") else str(ROOT / "out" / "aa-clip")
     builtin = args.data is None
-    hp.data = str(ensure_anomaly_shapes()) if builtin else args.data
+    hp.data = str(ensure_anomaly_shapes() if builtin else Path(args.data).resolve())  # resolved: compared below
     hp.train_categories = args.train_categories or (BUILTIN_TRAIN if builtin else list_categories(hp.data))
-    hp.test_data = args.test_data or hp.data
+    hp.test_data = str(Path(args.test_data).resolve()) if args.test_data else hp.data
+    check_categories(hp.data, hp.train_categories, "--train-categories")
     if args.test_categories is not None:
         hp.test_categories = args.test_categories
     elif builtin and args.test_data is None:
@@ -452,14 +459,21 @@ def resolve(args):
     if hp.test_data == hp.data and set(hp.test_categories) & set(hp.train_categories):
         raise ValueError(f"--test-categories {sorted(set(hp.test_categories) & set(hp.train_categories))} are also "
                          "training categories: the zero-shot protocol tests on categories never trained on")
+    check_categories(hp.test_data, hp.test_categories, "--test-categories")  # now, not after an hour of training
     for k in ("epochs", "lr"):
         if typed and k in typed:
             print(f"note: --{k.replace('_', '-')} is not used by aa-clip (see --text-epoch, --image-epoch, --text-lr, --image-lr)")
     return hp
 
 
+def check_categories(root, categories, flag):
+    unknown = sorted(set(categories) - set(list_categories(root)))
+    if unknown:
+        raise ValueError(f"{flag}: no categories {unknown} in {root}; it has: {', '.join(list_categories(root))}")
+
+
 RESUME_KEYS = ("init", "data", "train_categories", "shots", "seed", "val_fraction", "batch_size", "text_epoch",
-               "image_epoch", "text_lr", "image_lr", "text_norm_weight")  # what defines a run, checked by --resume
+               "image_epoch", "text_lr", "image_lr", "text_norm_weight", "sigma")  # what defines a run, for --resume
 
 
 def run(args):
@@ -519,7 +533,7 @@ def train_stages(model, hp, device, record, state_path):
     print(f"aa-clip: {model.cfg}\ntrain {len(train_pairs)} / val {len(val_pairs)} images of "
           f"{', '.join(hp.train_categories)} ({hp.data}); test categories: {', '.join(hp.test_categories) or 'none'}")
     names, ctx_len = [category_name(c) for c in hp.train_categories], model.clip.config.text.context_length
-    val_items = lambda root, c: [it for it, cat in val_pairs if cat == c]
+    val_items = lambda _root, c: [it for it, cat in val_pairs if cat == c]  # evaluate() asks data(root, category)
 
     def val_score(adapted_image):  # mean over training categories of (pixel AUROC + image AUROC) / 2
         anchors = text_anchors(model.encode_text, names, ctx_len, device)
@@ -551,8 +565,10 @@ def train_stages(model, hp, device, record, state_path):
 
 
 def save(model, path, hp, history):
-    keep = ("init", "data", "train_categories", "test_data", "test_categories", "shots", "seed", "text_norm_weight")
+    keep = ("init", "data", "train_categories", "test_data", "test_categories", "shots", "seed", "text_norm_weight",
+            "sigma")
     state = {"format": FORMAT, "init": str(Path(hp.init).resolve()), "clip_config": model.clip.config.to_dict(),
+             "clip_fingerprint": fingerprint(model.clip),
              "aa_config": asdict(model.cfg), "args": {k: getattr(hp, k) for k in keep}, "history": history,
              "text_adapter": model.text_adapter.state_dict(), "image_adapter": model.image_adapter.state_dict()}
     tmp = path.with_suffix(".tmp")
@@ -561,9 +577,16 @@ def save(model, path, hp, history):
     print(f"saved {path} (adapters only; the frozen CLIP is read from {state['init']})")
 
 
+def fingerprint(clip):
+    """A number that changes when any weight of the frozen CLIP does (the sum of each tensor's first 256 values)."""
+    return float(sum(t.detach().double().flatten()[:256].sum() for t in clip.state_dict().values()))
+
+
 def load(path, init=None, img_size=None, device="cpu"):
     """An AA-CLIP file (adapted, True) or any CLIP checkpoint (un-adapted, False) -> (AACLIP, adapted, saved dict)."""
-    saved = torch_load(path) if Path(path).suffix in (".pt", ".pth", ".bin") and Path(path).is_file() else None
+    saved = None
+    if Path(path).is_file() and Path(path).suffix in (".pt", ".pth") and not is_torchscript(path):
+        saved = torch_load(path)
     if not (isinstance(saved, dict) and saved.get("format") == FORMAT):
         clip = load_checkpoint(path, verbose=True)
         return AACLIP(clip, AAConfig.for_model(clip.config, img_size)).to(device), False, {}
@@ -571,8 +594,8 @@ def load(path, init=None, img_size=None, device="cpu"):
     if not Path(base).exists():
         raise FileNotFoundError(f"{path} adapts the CLIP {base}, which is not there: pass --init PATH to it")
     clip = load_checkpoint(base)
-    if clip.config.to_dict() != saved["clip_config"]:
-        raise CheckpointError(f"{base} is not the model {path} was trained on (its config differs); pass --init")
+    if clip.config.to_dict() != saved["clip_config"] or fingerprint(clip) != saved.get("clip_fingerprint", fingerprint(clip)):
+        raise CheckpointError(f"{base} is not the CLIP {path} was trained on (its weights differ); pass --init")
     cfg = AAConfig(**saved["aa_config"])
     if img_size and img_size != cfg.img_size:
         cfg = AAConfig(**dict(saved["aa_config"], img_size=AAConfig.for_model(clip.config, img_size).img_size))
@@ -592,10 +615,11 @@ def resolve_test_data(args, saved):
         root, categories = trained["test_data"], args.categories or trained["test_categories"]
     else:
         root, categories = str(ensure_anomaly_shapes()), args.categories or BUILTIN_TEST
-    unknown = sorted(set(categories) - set(list_categories(root)))
-    if unknown:
-        raise ValueError(f"no categories {unknown} in {root}; it has: {', '.join(list_categories(root))}")
-    seen = set(categories) & set(trained.get("train_categories", [])) if root == trained.get("data") else set()
+    check_categories(root, categories, "--categories")
+    if args.sigma is None:
+        args.sigma = trained.get("sigma", 1.0)  # the smoothing the run selected its checkpoint with
+    same_data = bool(trained.get("data")) and Path(root).resolve() == Path(trained["data"]).resolve()
+    seen = set(categories) & set(trained.get("train_categories", [])) if same_data else set()
     if seen:
         print(f"warning: {sorted(seen)} were training categories of this checkpoint: not a zero-shot result")
     return root, categories
@@ -622,10 +646,12 @@ def test_report(model, root, categories, hp, device, out, adapted=True):
 
 def summary(folders):
     """Mean +- std over runs (e.g. seeds) of the test metrics in each folder's results.json, adapted vs un-adapted."""
+    missing = [str(f) for f in folders if not (Path(f) / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"error: no results.json in {', '.join(missing)} (an unfinished run? train.py --resume ends it)")
     runs = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
-    runs = [r for r in runs if "adapted" in r]
-    if not runs:
-        raise SystemExit("error: no results.json with test results in " + " ".join(map(str, folders)))
+    if any("adapted" not in r for r in runs) or len({tuple(r["test_categories"]) for r in runs}) != 1:
+        raise SystemExit("error: every run must have test results on the same test categories")
     keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP")]
     lines = [f"Zero-shot test categories {', '.join(runs[0]['test_categories'])}, mean +- std over {len(runs)} run(s) "
              f"(seeds {', '.join(str(r.get('seed', '?')) for r in runs)})\n",
@@ -634,7 +660,8 @@ def summary(folders):
         for c in runs[0]["test_categories"] + ["mean"]:
             cells = []
             for k, _ in keys:
-                v = 100 * np.array([r[model]["mean"][k] if c == "mean" else r[model]["test"][c][k] for r in runs])
+                v = [r[model]["mean"][k] if c == "mean" else r[model]["test"][c][k] for r in runs]
+                v = 100 * np.array([np.nan if x is None else x for x in v])  # None: undefined (one class only)
                 cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
             lines.append(f"| {'AA-CLIP' if model == 'adapted' else 'CLIP, no adapters'} | {c} | " + " | ".join(cells) + " |")
     print("\n".join(lines))

@@ -822,7 +822,7 @@ def benchmark(argv=None):
     p.add_argument("--init", default=str(ROOT / "out" / "shapes" / "last.pt"), help="pretrained checkpoint")
     p.add_argument("--data", default=None, help="ImageFolder directory (default: the shifted Shapes task)")
     p.add_argument("--out", default=str(ROOT / "out" / "adapters"))
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--shots", "--shot", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--device", default="cpu")

@@ -41,11 +41,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, v2
+from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor, v2
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from data import EpochSampler, sample_rng
-from transform import image_transform, load_image
+from transform import OPENAI_MEAN, OPENAI_STD, load_image
 
 VERSION = 2  # bump when the drawing code changes, so cached datasets are regenerated
 DEFAULT_ROOT = Path(__file__).parent / "data" / "anomaly"
@@ -291,15 +291,16 @@ def read_visa(root, category, split, csv_path=None):
 
 
 class AnomalyDataset(Dataset):
-    """(image (3, H, W) normalised, label, mask (1, H, W) in {0, 1}); the mask is resized with NEAREST and
-    center-cropped like the image, so mask pixel (i, j) belongs to image pixel (i, j). `augment`, if given, is
-    called as augment(image, mask) on the PIL pair first (training: the same random geometry for both)."""
+    """(image (3, H, W) normalised, label, mask (1, H, W) in {0, 1}). Image and mask are resized to a square
+    WITHOUT cropping (as AA-CLIP does): CLIP's centre crop would cut defects off the sides of non-square images
+    such as VisA's. The mask uses NEAREST, so it stays binary and pixel (i, j) belongs to image pixel (i, j).
+    `augment`, if given, is called as augment(image, mask) on the PIL pair first (the same geometry for both)."""
 
     def __init__(self, items, image_size, augment=None):
         self.items, self.image_size, self.augment = list(items), image_size, augment
-        self.transform = image_transform(image_size)  # eval pipeline: Resize(bicubic) -> CenterCrop
-        # NEAREST keeps the mask binary; the same Resize/CenterCrop sizes as the image keep it aligned
-        self.mask_transform = Compose([Resize(image_size, InterpolationMode.NEAREST), CenterCrop(image_size)])
+        square = (image_size, image_size)
+        self.transform = Compose([Resize(square, InterpolationMode.BICUBIC), ToTensor(), Normalize(OPENAI_MEAN, OPENAI_STD)])
+        self.mask_transform = Resize(square, InterpolationMode.NEAREST)
 
     def __len__(self):
         return len(self.items)
@@ -342,7 +343,11 @@ def list_categories(root):
             return sorted({r["object"] for r in csv.DictReader(f)})
     if not root.is_dir():
         raise FileNotFoundError(f"anomaly data folder {root} not found")
-    return sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+    found = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+    if not found:
+        raise ValueError(f"no categories in {root}: expected MVTec-AD folders <category>/test/ (or a VisA root with "
+                         "split_csv/1cls.csv); pass the dataset root, not one category")
+    return found
 
 
 def read_items(root, category, split):
@@ -451,8 +456,7 @@ def heat(values):
 
 def save_overlays(kept, out, size, per_category=8):
     """One PNG per category: defective then good test images in columns; rows image / true mask / anomaly map."""
-    view = Compose([Resize(size, InterpolationMode.BICUBIC), CenterCrop(size)])
-    mask_view = Compose([Resize(size, InterpolationMode.NEAREST), CenterCrop(size)])
+    view, mask_view = Resize((size, size), InterpolationMode.BICUBIC), Resize((size, size), InterpolationMode.NEAREST)
     out.mkdir(parents=True, exist_ok=True)
     for c, (pairs, maps) in kept.items():
         bad = [i for i, (it, _) in enumerate(pairs) if it[1]]

@@ -136,7 +136,8 @@ def get_args(argv=None):
     a.add_argument("--categories", nargs="+", help="default: the AA-CLIP file's test categories, else all of --data "
                                                    "(the built-in set: weave bolt)")
     a.add_argument("--img-size", type=int, help="input size (default: the AA-CLIP file's; 2x the model's for a plain CLIP)")
-    a.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in patches")
+    a.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps, in patches (default: the "
+                                                               "AA-CLIP file's, else 1)")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--out", help="folder for table.md and overlays/ (default: out/anomaly/CHECKPOINT_NAME)")
     a.add_argument("--json", help="write the results here")

@@ -502,3 +502,26 @@ def test_training_batches_depend_only_on_seed_and_epoch(data_root):
     same, other = epoch(0, 3), epoch(2, 3)
     assert len(same) == len(other) and all(torch.equal(x, y) for a, b in zip(same, other) for x, y in zip(a, b))
     assert not torch.equal(same[0][0], epoch(0, 4)[0][0])
+
+
+def test_test_py_anomaly_single_class_category_and_moved_base(trained, data_root, tmp_path):
+    """A category with only defective images gets pixel metrics and no image metrics (not a crash); an AA-CLIP file
+    refuses a base CLIP with the same config but other weights."""
+    import shutil
+    out, _ = trained
+    root = tmp_path / "allbad"
+    for item in read_mvtec(data_root, "bolt", "test"):
+        if item[1]:
+            for src, dst in ((item[0], root / "bolt" / "test" / item[3] / item[0].name),
+                             (item[2], root / "bolt" / "ground_truth" / item[3] / item[2].name)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dst)
+    cli.main(["anomaly", "--checkpoint", str(out / "aa_clip.pt"), "--data", str(root), "--out", str(tmp_path / "o"),
+              "--json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())["test"]["bolt"]
+    assert r["image_auroc"] is None and r["image_ap"] is None and 0 <= r["pixel_auroc"] <= 1 and r["defective"] == 8
+    other = tmp_path / "other.pt"
+    torch.manual_seed(123)
+    save_checkpoint(other, CLIP(CLIPConfig.from_json(XS)))
+    with pytest.raises(SystemExit, match="weights differ"):
+        cli.main(["anomaly", "--checkpoint", str(out / "aa_clip.pt"), "--init", str(other), "--out", str(tmp_path / "p")])

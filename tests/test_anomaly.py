@@ -148,18 +148,22 @@ def test_read_visa_csv(tmp_path):
 
 
 def test_dataset_aligns_image_and_mask(tmp_path):
-    # A non-square image: the short side is resized, then both are center-cropped the same way.
+    # A non-square image is resized to a square without cropping: a defect at the side edge survives.
     image = np.zeros((40, 60, 3), np.uint8)
     mask = np.zeros((40, 60), np.uint8)
-    image[10:20, 30:40] = 255
-    mask[10:20, 30:40] = 255
+    image[10:20, 30:42] = 255
+    mask[10:20, 30:42] = 255
+    image[30:40, 54:60] = 255  # at the right border, which a centre crop would cut off
+    mask[30:40, 54:60] = 255
     Image.fromarray(image).save(tmp_path / "x.png")
     Image.fromarray(mask).save(tmp_path / "x_mask.png")
     x, label, m = AnomalyDataset([(tmp_path / "x.png", 1, tmp_path / "x_mask.png", "square")], 20)[0]
     assert x.shape == (3, 20, 20) and m.shape == (1, 20, 20) and label == 1
     assert set(m.unique().tolist()) == {0.0, 1.0}
-    bright = x.mean(0) > 0  # normalised: the white square is positive, black is negative
-    assert torch.equal(bright, m[0].bool())  # 60x40 -> 30x20, crop columns 5..24: square at rows 5-9, cols 10-14
+    # 60 x 40 -> 20 x 20 scales columns by 1/3 and rows by 1/2: the block lands at rows 5-9, columns 10-13
+    assert m[0, 5:10, 10:14].all() and m[0, 15:20, 18:20].all() and m.sum() == 5 * 4 + 5 * 2
+    bright = x.mean(0) > 0  # normalised: white is positive, black negative
+    assert bright[6:9, 11:13].all() and not bright[:4].any() and not bright[:, :9].any()
     root = ensure_anomaly_shapes(tmp_path / "s", **TINY)
     good = [item for item in read_mvtec(root, "tablet", "test") if item[3] == "good"]
     _, label, m = AnomalyDataset(good, 24)[0]
