@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from adapters import CLIP_SCALE, residual_blend
 from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
-from model import CheckpointError, is_torchscript, load_checkpoint, torch_load
+from model import CheckpointError, atomic_save, is_torchscript, load_checkpoint, torch_load
 from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent
@@ -104,27 +104,6 @@ def adapt_residual(x, adapter, weight):
     return residual_blend(x, a, weight)
 
 
-def resize_positional(pos, grid):
-    """(1 + n*n, width) positional embeddings -> (1 + grid*grid, width): the class row kept, the n x n patch
-    rows resized bicubically (as open_clip's resize_pos_embed does)."""
-    n = math.isqrt(pos.shape[0] - 1)
-    if n == grid:
-        return pos
-    patches = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # (1 + grid*grid, width)
-
-
-def embed_patches(visual, images):
-    """The image tower up to its first block, at any size that is a multiple of the patch: (B, 1 + g*g, width)."""
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, width, g, g)
-    g = x.shape[-1]
-    x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
-    x = torch.cat([cls, x], dim=1)  # (B, 1 + g*g, width)
-    return visual.ln_pre(x + resize_positional(visual.positional_embedding, g).to(x.dtype))
-
-
 def vv_attention(attn, x):
     """V-V self-attention (CLIP Surgery, Li et al. 2023; AnomalyCLIP's DPAM): the block's own value projection
     used as query, key and value, softmax over the TOKENS of each image. x (B, L, D) -> (B, L, D)."""
@@ -173,7 +152,7 @@ class AACLIP(nn.Module):
         """Stage 2 and inference: adapters after the first blocks; the patch tokens of each level through ln_post
         and that level's projection. Returns [(B, N, D) normalised] per level and the detection feature (B, D)."""
         v, ad = self.clip.visual, self.image_adapter
-        x, levels = embed_patches(v, images), []
+        x, levels = v.embed(images), []
         for i, block in enumerate(v.transformer.resblocks):
             x = block(x)
             if i < len(ad["adapters"]):
@@ -193,7 +172,7 @@ class AACLIP(nn.Module):
         v = self.clip.visual
         blocks = v.transformer.resblocks
         first_vv = len(blocks) - (self.cfg.surgery_until_layer - 1)  # 0-based index of the first block with V-V
-        x, x_vv, levels = embed_patches(v, images), None, []
+        x, x_vv, levels = v.embed(images), None, []
         for i, block in enumerate(blocks):
             if i >= first_vv:
                 x_vv = (x if x_vv is None else x_vv) + vv_attention(block.attn, block.ln_1(x))
@@ -324,7 +303,7 @@ def evaluate(model, data, root, categories, anchors_of, adapted_image, args, dev
     for c in categories:
         pairs = [(it, c) for it in data(root, c)]
         maps, scores, masks, labels = [], [], [], []
-        for images, label, mask, _ in loader(pairs, [c], model.cfg.img_size, args.batch_size, 0):
+        for images, label, mask, _ in loader(pairs, [c], model.cfg.img_size, args.batch_size, 0, device=device):
             m, s = predict(model, images.to(device), anchors_of(c), adapted_image, args.sigma)
             maps.append(m.cpu()), scores.append(s.cpu()), masks.append(mask[:, 0]), labels.append(label)
         maps, scores, masks, labels = minmax(torch.cat(maps)), minmax(torch.cat(scores)), torch.cat(masks), torch.cat(labels)
@@ -544,19 +523,18 @@ def train_stages(model, hp, device, record, state_path):
     def saver(stage):
         def save_epoch(state):
             record[stage] = state
-            torch.save(record, state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)  # atomic: a kill never leaves half a file
+            atomic_save(record, state_path)
         return save_epoch
 
     batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(False),
-                     seed=hp.seed)
+                     seed=hp.seed, device=device)
     history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device),
                   batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), resume=record.get("text"),
                   on_epoch=saver("text"))
     with torch.no_grad():
         anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
     batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(True),
-                     seed=hp.seed + 1)
+                     seed=hp.seed + 1, device=device)
     total = hp.image_epoch * len(batches)  # AA-CLIP halves the lr at iterations 16k and 32k (~15 % and 30 % of its run)
     return history + fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
                          hp.image_epoch, hp.image_lr, lambda: val_score(True),
@@ -571,9 +549,7 @@ def save(model, path, hp, history):
              "clip_fingerprint": fingerprint(model.clip),
              "aa_config": asdict(model.cfg), "args": {k: getattr(hp, k) for k in keep}, "history": history,
              "text_adapter": model.text_adapter.state_dict(), "image_adapter": model.image_adapter.state_dict()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_save(state, path)
     print(f"saved {path} (adapters only; the frozen CLIP is read from {state['init']})")
 
 

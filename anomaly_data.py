@@ -44,7 +44,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor, v2
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from data import EpochSampler, sample_rng
+from data import make_loader, sample_rng
 from transform import OPENAI_MEAN, OPENAI_STD, load_image
 
 VERSION = 2  # bump when the drawing code changes, so cached datasets are regenerated
@@ -407,13 +407,12 @@ class CategoryDataset(AnomalyDataset):
             return (*super().__getitem__(i), self.category[i])
 
 
-def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0):
-    """Evaluation: in order. Training (augment given): data.EpochSampler's shuffled order, a function of (seed,
-    epoch); call loader.sampler.set_epoch(epoch) before each epoch."""
+def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0, device="cpu"):
+    """data.make_loader over a CategoryDataset. Evaluation: in order. Training (augment given): EpochSampler's
+    shuffled order, a function of (seed, epoch), every image, the default collate; call
+    loader.sampler.set_epoch(epoch) before each epoch."""
     dataset = CategoryDataset(pairs, categories, size, augment, seed)
-    sampler = EpochSampler(len(dataset), seed) if augment is not None else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       persistent_workers=workers > 0)
+    return make_loader(dataset, batch_size, augment is not None, seed, workers, device, drop_last=False, collate_fn=None)
 
 # ----------------------------------------------------------------------------------------------------------
 # Previews, anomaly-map overlays and the command line

@@ -251,16 +251,16 @@ class EpochSampler(Sampler):
         return max(self.n - self.start, 0)
 
 
-def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu"):
+def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu", drop_last=True, collate_fn=collate_skip_bad):
     """The DataLoader settings we use.
 
-    train=True: EpochSampler order (call loader.sampler.set_epoch(epoch, start) before each epoch); drop_last, so
-    every step has batch_size pairs (the contrastive loss has a fixed number of negatives); collate_skip_bad, so
-    batches are (images, tokens, bad_paths). train=False: dataset order, every sample, the default collate.
-    Both: pin_memory on CUDA (faster host-to-GPU copies), persistent workers (no restart cost per epoch)."""
+    train=True: EpochSampler order (call loader.sampler.set_epoch(epoch, start) before each epoch); by default
+    drop_last, so every step has batch_size pairs (the contrastive loss has a fixed number of negatives), and
+    collate_skip_bad, so batches are (images, tokens, bad_paths). train=False: dataset order, every sample, the
+    default collate. Both: pin_memory on CUDA (faster host-to-GPU copies), persistent workers (no restart cost)."""
     common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.device(device).type == "cuda")
     if train:
-        return DataLoader(dataset, sampler=EpochSampler(len(dataset), seed), drop_last=True,
-                          collate_fn=collate_skip_bad, **common)
+        return DataLoader(dataset, sampler=EpochSampler(len(dataset), seed), drop_last=drop_last,
+                          collate_fn=collate_fn, **common)
     return DataLoader(dataset, shuffle=False, **common)

@@ -163,6 +163,17 @@ class Transformer(nn.Module):
         return x
 
 
+def resize_positional(pos, grid):
+    """(1 + n*n, width) positional embeddings -> (1 + grid*grid, width): the class row kept, the n x n patch
+    rows resized bicubically (as open_clip's resize_pos_embed does); unchanged when n == grid."""
+    n = math.isqrt(pos.shape[0] - 1)
+    if n == grid:
+        return pos
+    patches = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # (1 + grid*grid, width)
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2020) as used by CLIP: patches -> [class] + patches -> Transformer -> class token."""
 
@@ -180,16 +191,21 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
+    def embed(self, x):
+        """Images -> the Transformer's input tokens (B, 1 + g*g, width). Images larger than image_size (a multiple of
+        the patch) get the positional grid resized, as AA-CLIP runs a 336-px CLIP at 518 px (aa_clip.py)."""
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, width, g, g)
+        g = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + g*g, width)
+        return self.ln_pre(x + resize_positional(self.positional_embedding, g).to(x.dtype))
+
     def forward(self, x):
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(x.shape)}; "
                              f"use transform.image_transform({self.image_size})")
-        x = self.conv1(x)  # (B, width, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, grid**2, width)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
-        x = torch.cat([cls, x], dim=1)  # (B, grid**2 + 1, width)
-        x = x + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(x)
+        x = self.embed(x)
         x = self.transformer(x)  # (B, grid**2 + 1, width)
         x = self.ln_post(x[:, 0, :])  # (B, width): the class token summarises the image
         return x @ self.proj  # (B, embed_dim)
@@ -528,12 +544,17 @@ def load_checkpoint(path, config=None, verbose=False):
     return model.eval()
 
 
-def save_checkpoint(path, model, **extra):
-    """Writes {'model', 'config', **extra} atomically: to a temporary file first, then renamed over `path`,
-    so a run killed while saving never leaves a half-written checkpoint. Only tensors and plain Python
-    containers go in, so torch.load(path, weights_only=True) reads it back."""
+def atomic_save(obj, path):
+    """torch.save to a temporary file first, then rename it over `path`: a run killed while saving never
+    leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), **extra}, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_checkpoint(path, model, **extra):
+    """Writes {'model', 'config', **extra} atomically (atomic_save). Only tensors and plain Python containers go
+    in, so torch.load(path, weights_only=True) reads it back."""
+    atomic_save({"model": model.state_dict(), "config": model.config.to_dict(), **extra}, path)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import aa_clip
 import train
-from aa_clip import (AACLIP, AAConfig, adapt_residual, anomaly_map, dice_loss, embed_patches, focal_loss,
-                     orthogonal_loss, resize_positional, seg_loss, stage1_loss, stage2_loss, text_anchors, vv_attention)
+from aa_clip import (AACLIP, AAConfig, adapt_residual, anomaly_map, dice_loss, focal_loss, orthogonal_loss, seg_loss,
+                     stage1_loss, stage2_loss, text_anchors, vv_attention)
 from anomaly_data import CategoryDataset, ensure_anomaly_shapes, read_mvtec, split_train_val
-from model import CLIP, CLIPConfig, save_checkpoint
+from model import CLIP, CLIPConfig, resize_positional, save_checkpoint
 from oracles import ROOT, perturb_
 from tokenizer import tokenize
 
@@ -199,7 +199,7 @@ def test_resize_positional_and_double_size_inputs():
     model = AACLIP(clip, AAConfig.for_model(clip.config))
     assert model.cfg.img_size == 64
     x = images(2, 64)
-    assert embed_patches(clip.visual, x).shape == (2, 1 + 64, 32)
+    assert clip.visual.embed(x).shape == (2, 1 + 64, 32)
     with torch.no_grad():
         patches, det = model.encode_image(x)
     assert [tuple(p.shape) for p in patches] == [(2, 64, 32)] * 4 and det.shape == (2, 32)
