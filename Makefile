@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - create .venv, install requirements.txt, train the default model (python train.py), evaluate it (python test.py)
 #   make test  - create .venv, install requirements-dev.txt (adds pytest and the reference implementations), run the tests
+# and, for the experiments: make adapters (few-shot benchmark), make anomaly (AA-CLIP), make bench (speed)
 PY := .venv/bin/python
 
 .PHONY: run test bench adapters anomaly clean

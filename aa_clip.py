@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import CLIP_SCALE, residual_blend
+from adapters import CLIP_SCALE, given, residual_blend
 from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
 from model import CheckpointError, atomic_save, is_torchscript, load_checkpoint, torch_load
@@ -419,11 +419,9 @@ def add_args(parser):
 def resolve(args):
     """Defaults that depend on the data and on which shared flags were typed (args.typed, set by train.py)."""
     hp = argparse.Namespace(**vars(args))
-    typed = getattr(args, "typed", None)
-    given = lambda k: getattr(args, k, None) is not None and (typed is None or k in typed)
-    hp.batch_size = args.batch_size if given("batch_size") else 16  # article: 16 (text) and 2 (image, at 518 px)
-    hp.shots = args.shots if given("shots") else 0  # 0: every image of the training categories
-    hp.out = args.out if given("out") else str(ROOT / "out" / "aa-clip")
+    hp.batch_size = args.batch_size if given(args, "batch_size") else 16  # article: 16 (text), 2 (image, at 518 px)
+    hp.shots = args.shots if given(args, "shots") else 0  # 0: every image of the training categories
+    hp.out = args.out if given(args, "out") else str(ROOT / "out" / "aa-clip")
     builtin = args.data is None
     hp.data = str(ensure_anomaly_shapes() if builtin else Path(args.data).resolve())  # resolved: compared below
     hp.train_categories = args.train_categories or (BUILTIN_TRAIN if builtin else list_categories(hp.data))
@@ -440,7 +438,7 @@ def resolve(args):
                          "training categories: the zero-shot protocol tests on categories never trained on")
     check_categories(hp.test_data, hp.test_categories, "--test-categories")  # now, not after an hour of training
     for k in ("epochs", "lr"):
-        if typed and k in typed:
+        if k in getattr(args, "typed", ()):
             print(f"note: --{k.replace('_', '-')} is not used by aa-clip (see --text-epoch, --image-epoch, --text-lr, --image-lr)")
     return hp
 
@@ -459,8 +457,6 @@ def run(args):
     """python train.py --method aa-clip: stage 1, stage 2, save OUT/aa_clip.pt, test once on the test categories."""
     from train import pick_device
     hp = resolve(args)
-    if args.init in (None, "scratch"):
-        raise ValueError("--method aa-clip adapts a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--method aa-clip trains small adapters in one process: run it with python, not torchrun")
     device = pick_device(hp.device, 0)

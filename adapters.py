@@ -45,13 +45,12 @@ from torchvision.transforms import (Compose, InterpolationMode, Normalize, Rando
 from model import CLIP, load_checkpoint
 from templates import get_templates
 from tokenizer import count_tokens, tokenize
-from transform import OPENAI_MEAN, OPENAI_STD, image_transform, load_image
+from transform import IMAGE_EXTENSIONS, OPENAI_MEAN, OPENAI_STD, image_transform, load_image
 
 ROOT = Path(__file__).resolve().parent
 CLIP_SCALE = 100.0  # exp(logit_scale) of a trained CLIP: clamped at 100 (CLIP section 2.5); Tip-Adapter writes 100
 METHODS = ["zeroshot", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "cross-modal", "uni-modal",
            "fd-align", "finetune", "coop"]
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Per-method defaults for the flags train.py shares (--epochs, --lr, --wd, --batch-size). The papers' own values
 # (AdamW/SGD, hundreds of epochs on a GPU) are in the comments; ours are shortened so the CPU benchmark runs in minutes.
@@ -96,6 +95,12 @@ def residual_blend(x, adapted, ratio):
     return ratio * adapted + (1 - ratio) * x
 
 
+def wise_ft(weight, zeroshot_weight, ratio):
+    """WiSE-FT (Wortsman et al. 2022) as cross-modal's eval.py applies it: (1 - ratio) * tuned + ratio * zero-shot,
+    the same blend as residual_blend."""
+    return residual_blend(weight, zeroshot_weight, ratio)
+
+
 def tip_cache(view_features, labels, num_classes):
     """Tip-Adapter's cache: keys = the few-shot features averaged over augmented views BEFORE normalising
     (view_features (A, N, D), raw), then L2-normalised -> (N, D); values = one-hot labels -> (N, C)."""
@@ -104,12 +109,16 @@ def tip_cache(view_features, labels, num_classes):
     return keys, values
 
 
+def tip_cache_logits(affinity, cache_values, beta):
+    """Tip-Adapter's cache term exp(-beta (1 - A)) L: affinity A (B, N) = f K^T, the cosine to each cached image,
+    turned into a sharp positive weight, times the one-hot values L (N, C) -> (B, C)."""
+    return torch.exp(-beta * (1 - affinity)) @ cache_values
+
+
 def tip_adapter_logits(image_features, cache_keys, cache_values, text_weights, alpha, beta):
     """Tip-Adapter (eq. 6 of the paper): logits = 100 f W^T + alpha * exp(-beta (1 - f K^T)) L.
-    image_features (B, D) and text_weights (C, D) normalised, cache_keys (N, D), cache_values (N, C) -> (B, C).
-    f K^T is the cosine affinity to each cached image; exp(-beta (1 - a)) turns it into a sharp positive weight."""
-    affinity = image_features @ cache_keys.T  # (B, N)
-    cache_logits = torch.exp(-beta * (1 - affinity)) @ cache_values  # (B, C)
+    image_features (B, D) and text_weights (C, D) normalised, cache_keys (N, D), cache_values (N, C) -> (B, C)."""
+    cache_logits = tip_cache_logits(image_features @ cache_keys.T, cache_values, beta)  # (B, C)
     return CLIP_SCALE * image_features @ text_weights.T + alpha * cache_logits
 
 
@@ -122,11 +131,6 @@ def spurious_kl(tuned_features, frozen_features, prototypes, scale=CLIP_SCALE):
     log_p_tuned = F.log_softmax(clip_logits(tuned_features, prototypes, scale), dim=-1)  # (B, M)
     log_p_frozen = F.log_softmax(clip_logits(frozen_features, prototypes, scale), dim=-1)
     return (log_p_frozen.exp() * (log_p_frozen - log_p_tuned)).sum(dim=-1).mean()
-
-
-def wise_ft(weight, zeroshot_weight, ratio):
-    """WiSE-FT (Wortsman et al. 2022) as cross-modal's eval.py applies it: (1 - ratio) * tuned + ratio * zero-shot."""
-    return (1 - ratio) * weight + ratio * zeroshot_weight
 
 
 def accuracy(logits, labels):
@@ -207,7 +211,7 @@ class CoOpPrompts(nn.Module):
 def list_class_folders(folder):
     """{class name: sorted image paths} for a folder of class folders."""
     classes = sorted(d.name for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith("."))
-    return {c: sorted(str(p) for p in (Path(folder) / c).iterdir() if p.suffix.lower() in IMAGE_EXTS) for c in classes}
+    return {c: sorted(str(p) for p in (Path(folder) / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
 
 
 def seeded_split(root, fractions=(0.5, 0.2, 0.3)):
@@ -468,10 +472,11 @@ def search_alpha_beta(cache_logits_at, clip_logits_val, val_labels, args):
 
 
 def tip_search(keys, values, weights, task):
-    """alpha, beta for a cache on val. The cache term at alpha = 1 is tip_adapter_logits minus its alpha = 0 value."""
+    """alpha, beta for a cache on val (the affinities are computed once, the cache term once per beta)."""
     val_f, val_y = task.features(task.val), task.labels(task.val)
     zero = tip_adapter_logits(val_f, keys, values, weights, 0.0, 1.0)  # alpha 0: zero-shot CLIP
-    return search_alpha_beta(lambda b: tip_adapter_logits(val_f, keys, values, weights, 1.0, b) - zero, zero, val_y, task.args)
+    affinity = val_f @ keys.T  # (B, N)
+    return search_alpha_beta(lambda b: tip_cache_logits(affinity, values, b), zero, val_y, task.args)
 
 
 def tip_adapter(task):
@@ -662,21 +667,25 @@ def checkpoint_tag(path):
     return f"{Path(path).stem}-{zlib.crc32(f'{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()):08x}"
 
 
+def given(args, key):
+    """Was --key typed on train.py's command line (args.typed)? A Namespace built in code has no args.typed: there
+    every value that is not None counts as given."""
+    typed = getattr(args, "typed", None)
+    return getattr(args, key, None) is not None and (typed is None or key in typed)
+
+
 def resolve(args):
-    """Fill the shared flags with the method's defaults where they were not typed (or are None)."""
+    """Fill the shared flags with the method's defaults where they were not given."""
     hp = argparse.Namespace(**vars(args))
-    typed = getattr(args, "typed", None)  # None: a Namespace built in code, whose values are all meant
     for k in SHARED:
-        if getattr(hp, k, None) is None or (typed is not None and k not in typed):
+        if not given(args, k):
             setattr(hp, k, METHOD_DEFAULTS.get(args.method, {}).get(k, 0))
     if hp.patience is None:
         hp.patience = METHOD_DEFAULTS.get(args.method, {}).get("patience", 0)
     if args.data is None:
         hp.data = str(ensure_fewshot_shapes())
-    if getattr(args, "out", None) is None or (typed is not None and "out" not in typed):
+    if not given(args, "out"):
         hp.out = str(ROOT / "out" / "adapters" / "runs" / f"{args.method}-{args.shots}shot-seed{args.seed}")
-    if args.init in (None, "scratch"):
-        sys.exit("error: --method needs a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
     return hp
 
 
@@ -755,6 +764,7 @@ def ensure_fewshot_shapes(root=None, label="colour", n_train=640, n_val=160, n_t
     marker = root / "params.json"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return root
+    marker.unlink(missing_ok=True)  # an interrupted regeneration leaves no marker, so it is redone next time
     source = ensure_shapes(root / "source", seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, style="shifted")
     for split in ("train", "val", "test"):
         shutil.rmtree(root / split, ignore_errors=True)

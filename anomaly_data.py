@@ -45,7 +45,7 @@ from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from data import make_loader, sample_rng
-from transform import OPENAI_MEAN, OPENAI_STD, load_image
+from transform import IMAGE_EXTENSIONS, OPENAI_MEAN, OPENAI_STD, load_image
 
 VERSION = 2  # bump when the drawing code changes, so cached datasets are regenerated
 DEFAULT_ROOT = Path(__file__).parent / "data" / "anomaly"
@@ -53,7 +53,6 @@ PARAMS_NAME = "anomaly_params.json"
 SUPERSAMPLE = 4
 CATEGORIES = ["tiles", "weave", "tablet", "bolt"]
 DEFECTS = ["scratch", "hole", "stain", "crack"]
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ----------------------------------------------------------------------------------------------------------
 # Drawing: each category returns an (S, S, 3) float image and the (S, S) boolean region a defect may touch

@@ -166,18 +166,8 @@ def bench_retrieval(args, subset=200):
 
 
 def bench_train(args, batch=32):
-    try:
-        from train import clip_loss
-        note = "clip_loss from train.py"
-    except Exception:  # train.py absent or unfinished: the same symmetric cross-entropy (CLIP Figure 3)
-        import torch.nn.functional as F
-
-        def clip_loss(image_features, text_features, logit_scale):
-            logits = logit_scale * image_features @ text_features.T  # (B, B)
-            labels = torch.arange(len(logits))
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        note = "local clip_loss (train.py not importable)"
-    print(f"\n== train: forward + clip_loss + backward + AdamW step, CPU fp32, batch {batch} ({note}) ==")
+    from train import clip_loss
+    print(f"\n== train: forward + clip_loss + backward + AdamW step, CPU fp32, batch {batch} ==")
     rows = []
     for name in ("MiniCLIP-S-64px", "TinyCLIP-ViT-8M-16-Text-3M"):
         models = dict(zip(("ours", "open_clip"), open_clip_pair(name)))

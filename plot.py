@@ -30,7 +30,8 @@ def plot_metrics(metrics_path, png_path):
     axes[0].plot(x, [r["loss"] for r in steps], lw=0.8)
     axes[0].set(title="symmetric InfoNCE loss", xlabel="step", yscale="log")
     axes[1].plot(x, [r["logit_scale"] for r in steps], label="logit scale (1/temperature)")
-    axes[1].plot(x, [r["lr"] / max(r["lr"] for r in steps) * 100 for r in steps], label="lr (% of peak)")
+    peak = max(r["lr"] for r in steps)
+    axes[1].plot(x, [r["lr"] / peak * 100 for r in steps], label="lr (% of peak)")
     axes[1].set(title="temperature and learning rate", xlabel="step")
     axes[1].legend()
     for direction, style in (("text_to_image", "-"), ("image_to_text", "--")):

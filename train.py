@@ -296,6 +296,8 @@ def raw_model(model):
 def main(argv=None):
     try:
         args = get_args(argv)
+        if args.method and args.init in (None, "scratch"):
+            sys.exit(f"error: --method {args.method} adapts a pretrained CLIP: --init CKPT (e.g. out/shapes/last.pt)")
         if args.method == "aa-clip":  # anomaly adapters for zero-shot anomaly segmentation (aa_clip.py)
             from aa_clip import run as run_aa_clip
             return run_aa_clip(args)
@@ -356,11 +358,9 @@ def check_resume(args, ckpt_path, world):
     # a resumed run is the same run: what defines it (data, model, schedule) comes from the checkpoint.
     # To train longer with another schedule, start a new run with --init OUT/last.pt instead.
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
-    defaults = get_args([])
     for key in RUN_KEYS:
-        given = getattr(args, key)
-        if given != saved[key] and given != getattr(defaults, key):
-            print(f"warning: --resume ignores --{key.replace('_', '-')} {given}: the run uses {saved[key]}")
+        if key in getattr(args, "typed", ()) and getattr(args, key) != saved[key]:
+            print(f"warning: --resume ignores --{key.replace('_', '-')} {getattr(args, key)}: the run uses {saved[key]}")
         setattr(args, key, saved[key])
     if saved.get("world", world) != world:
         sys.exit(f"error: --resume: {ckpt_path} was trained by {saved['world']} process(es), this is {world}; "

@@ -25,6 +25,7 @@ from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Norm
 # Pretrained CLIP weights expect exactly these; see openai/CLIP issue #20.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folder readers list
 
 
 def to_rgb(image):
