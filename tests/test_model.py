@@ -31,8 +31,9 @@ TOL = 1e-5
 TEXTS = ["a photo of a dog", "a cat sitting on a red sofa", "a diagram", ""]
 
 
-def build_reference(name, d):
-    """One random-weight open_clip model per config, its outputs, and the same weights in every layout."""
+def build_reference(name):
+    """One random-weight open_clip model for a config, the same weights in a transformers model, and both
+    models' outputs."""
     cfg = json_config(name)
     ref = openclip_model(cfg, seed=CONFIGS.index(name))
     size = cfg["vision_cfg"]["image_size"]
@@ -40,44 +41,57 @@ def build_reference(name, d):
     tokens = open_clip.tokenize(TEXTS)
     with torch.no_grad():
         want = ref.encode_image(images), ref.encode_text(tokens)
-    files = {"tinyclip": d / "tinyclip.pt", "tinyclip-module": d / "tinyclip_module.pt", "flat": d / "flat.pt",
-             "flat-module": d / "flat_module.pt", "torchscript": d / "openai_jit.pt",
-             "hf-safetensors": d / "hf_st", "hf-bin": d / "hf_bin", "miniclip": d / "miniclip.pt"}
-    wanted = layouts(name)
-    save_flat(ref, files["flat"])
-    if "tinyclip" in wanted:
-        save_tinyclip(ref, files["tinyclip"], style="ddp")
-    if "tinyclip-module" in wanted:
-        save_tinyclip(ref, files["tinyclip-module"], style="without_ddp")
-    if "flat-module" in wanted:
-        save_flat(ref, files["flat-module"], prefix="module.")
-    if "torchscript" in wanted:
-        save_torchscript(ref, files["torchscript"], size, 77, 49408)
     hf = hf_model(cfg, ref.state_dict())
-    hf.save_pretrained(files["hf-safetensors"], safe_serialization=True)
-    if "hf-bin" in wanted:
-        hf.save_pretrained(files["hf-bin"], safe_serialization=False)
-    hf_want = hf_features(hf, images, tokens)
-    ours = load_checkpoint(files["flat"], config=ROOT / "model_configs" / f"{name}.json")
-    save_checkpoint(files["miniclip"], ours, step=0)
-    del hf
-    return dict(name=name, cfg=cfg, images=images, tokens=tokens, want=want, hf_want=hf_want, files=files)
+    return dict(name=name, cfg=cfg, ref=ref, hf=hf, images=images, tokens=tokens, want=want,
+                hf_want=hf_features(hf, images, tokens))
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    cache = {}  # built once per config: only the outputs and the files are kept, not the models
+def references():
+    """Each config's reference, built once and kept in memory (about 3.5 GB for all five)."""
+    cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = build_reference(name, tmp_path_factory.mktemp(name))
+            cache[name] = build_reference(name)
         return cache[name]
     return get
 
 
-@pytest.fixture(params=CONFIGS)
+@pytest.fixture
 def reference(request, references):
     return references(request.param)
+
+
+@pytest.fixture
+def checkpoint_file(reference, tmp_path):
+    """Writes the reference's weights in one layout and deletes the file after the test: every layout of
+    every config kept on disk at once would take ~8 GB (ViT-B/32 alone is 600 MB per copy)."""
+    def write(layout):
+        ref, cfg, path = reference["ref"], reference["cfg"], tmp_path / layout
+        if layout in ("tinyclip", "tinyclip-module"):
+            save_tinyclip(ref, path, style="ddp" if layout == "tinyclip" else "without_ddp")
+        elif layout in ("flat", "flat-module"):
+            save_flat(ref, path, prefix="module." if layout == "flat-module" else "")
+        elif layout == "torchscript":
+            save_torchscript(ref, path, cfg["vision_cfg"]["image_size"], 77, 49408)
+        elif layout in ("hf-safetensors", "hf-bin"):
+            reference["hf"].save_pretrained(path, safe_serialization=layout == "hf-safetensors")
+        elif layout == "miniclip":  # our own format, written by save_checkpoint from a model we loaded
+            save_flat(ref, tmp_path / "source.pt")
+            ours = load_checkpoint(tmp_path / "source.pt", config=ROOT / "model_configs" / f"{reference['name']}.json")
+            (tmp_path / "source.pt").unlink()
+            save_checkpoint(path, ours, step=0)
+        return path
+    yield write
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+def native_layout(reference):
+    """The layout that says its activation: OpenAI's TorchScript (QuickGELU) or TinyCLIP's release (GELU)."""
+    return "torchscript" if reference["cfg"].get("quick_gelu") else "tinyclip"
 
 
 def zero_shot_probs(img, txt):
@@ -85,10 +99,9 @@ def zero_shot_probs(img, txt):
     return (100 * img @ txt.T).softmax(dim=-1)
 
 
-@pytest.mark.parametrize("name, layout", CASES)
-def test_parity(references, name, layout):
-    reference = references(name)
-    path = reference["files"][layout]
+@pytest.mark.parametrize("reference, layout", CASES, indirect=["reference"])
+def test_parity(reference, layout, checkpoint_file):
+    path = checkpoint_file(layout)
     config = ROOT / "model_configs" / f"{reference['name']}.json"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # every layout here says (or is told) its activation: no warning expected
@@ -108,29 +121,31 @@ def test_parity(references, name, layout):
     assert torch.allclose(i.norm(dim=-1), torch.ones(2)) and math.isclose(s.item(), math.exp(3.9), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("reference", CONFIGS, indirect=True)
 def test_hf_oracle_agrees_with_open_clip(reference):
     for got, want in zip(reference["hf_want"], reference["want"]):
         assert (got - want).abs().max() <= TOL
 
 
-def test_inferred_config_equals_json(reference):
-    raw = torch.load(reference["files"]["flat"], weights_only=True)
+@pytest.mark.parametrize("reference", CONFIGS, indirect=True)
+def test_inferred_config_equals_json(reference, checkpoint_file):
+    raw = torch.load(checkpoint_file("flat"), weights_only=True)
     inferred = infer_config(raw, quick_gelu=reference["cfg"].get("quick_gelu", False))
     assert inferred == CLIPConfig.from_dict(reference["cfg"])
     # no config given: the architecture comes from the shapes, the activation from the layout
-    model = load_checkpoint(reference["files"]["torchscript" if reference["cfg"].get("quick_gelu") else "tinyclip"])
+    model = load_checkpoint(checkpoint_file(native_layout(reference)))
     assert model.config == CLIPConfig.from_dict(reference["cfg"])
 
 
-def test_wrong_activation_is_caught(reference):
+@pytest.mark.parametrize("reference", CONFIGS, indirect=True)
+def test_wrong_activation_is_caught(reference, checkpoint_file):
     """A GELU checkpoint read as QuickGELU (or the reverse) loads without error but gives other numbers:
     the parity check is what catches it (open_clip issue #771)."""
     cfg = CLIPConfig.from_dict(reference["cfg"])
     cfg.quick_gelu = not cfg.quick_gelu
     # both files say which activation they were trained with, so loading them with the other one warns
-    path = reference["files"]["torchscript" if reference["cfg"].get("quick_gelu") else "tinyclip"]
     with pytest.warns(UserWarning, match="GELU"):
-        model = load_checkpoint(path, config=cfg)
+        model = load_checkpoint(checkpoint_file(native_layout(reference)), config=cfg)
     with torch.no_grad():
         diff = (model.encode_image(reference["images"]) - reference["want"][0]).abs().max()
     assert diff > 1e-3
