@@ -3,8 +3,8 @@ Anomaly-detection data: a built-in synthetic dataset in the MVTec-AD layout, the
 a Dataset that returns (image, label, pixel mask) with the mask cropped exactly like the image, the held-out
 split and joint image/mask augmentation AA-CLIP trains with, and anomaly-map overlay PNGs.
 
-The synthetic set stands in for MVTec-AD so the AA-CLIP experiments (issue 6) run offline. Four procedurally
-drawn categories (two textures, two objects), each with four defect types and an exact pixel mask per defect:
+The synthetic set stands in for MVTec-AD so the AA-CLIP experiments (issue 6) run offline. Six procedurally
+drawn categories (three textures, three objects), each with four defect types and an exact pixel mask per defect:
 
     ROOT/<category>/train/good/000.png
     ROOT/<category>/test/good/000.png
@@ -16,7 +16,7 @@ Design notes:
   - Image `index` of (category, part) is drawn from generators seeded with (seed, category, part, index), so
     any image can be redrawn alone. Drawing is at SUPERSAMPLE x resolution and box-filtered down, as in
     synthetic.py; a pixel belongs to the mask when at least half of it is covered by the defect.
-  - On objects (tablet, bolt) a defect is clipped to the object, as in MVTec, where defects lie on the part.
+  - On objects (tablet, bolt, washer) a defect is clipped to the object, as in MVTec, where defects lie on the part.
   - Category names avoid MVTec/VisA names (tile, pill, screw...), so the synthetic set never shadows them.
 
 References:
@@ -51,7 +51,7 @@ VERSION = 2  # bump when the drawing code changes, so cached datasets are regene
 DEFAULT_ROOT = Path(__file__).parent / "data" / "anomaly"
 PARAMS_NAME = "anomaly_params.json"
 SUPERSAMPLE = 4
-CATEGORIES = ["tiles", "weave", "tablet", "bolt"]
+CATEGORIES = ["tiles", "weave", "tablet", "bolt", "planks", "washer"]  # new ones go last: the seeds use the index
 DEFECTS = ["scratch", "hole", "stain", "crack"]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,7 +110,31 @@ def _bolt(rng, S):
     return img, shaft | head
 
 
-DRAW = {"tiles": _tiles, "weave": _weave, "tablet": _tablet, "bolt": _bolt}
+def _planks(rng, S):
+    y, x = _grid(S)
+    width, oy = rng.uniform(0.18, 0.24), rng.uniform(0, 1)
+    plank = np.floor((y + oy) / width)  # (S, S) index of the board each pixel is on
+    colour = np.array([150, 105, 65]) + rng.integers(-15, 16, 3)
+    wobble = 0.015 * np.sin(2 * np.pi * (x * rng.uniform(1, 2) + plank * 0.37))
+    grain = np.sin(2 * np.pi * rng.uniform(25, 35) * (y + wobble))  # fine lines along the boards
+    shade = 1 + 0.08 * np.sin(plank * 5.1 + rng.uniform(0, 6.3))  # each board a slightly other shade
+    img = colour * (shade * (1 + 0.08 * grain))[..., None]
+    img[((y + oy) % width) < 0.015] = [70, 50, 35]  # the gaps between boards
+    return img, np.ones((S, S), bool)
+
+
+def _washer(rng, S):
+    y, x = _grid(S)
+    img = np.broadcast_to(np.array([60, 72, 66]) + rng.integers(-6, 7, 3), (S, S, 3)).astype(float)
+    (cx, cy), outer = 0.5 + rng.uniform(-0.05, 0.05, 2), rng.uniform(0.32, 0.38)
+    r = np.hypot(x - cx, y - cy)
+    ring = (r <= outer) & (r >= outer * rng.uniform(0.4, 0.5))
+    light = 1 + 0.15 * np.cos(np.arctan2(y - cy, x - cx) - rng.uniform(0, 2 * np.pi))  # light from one side
+    img[ring] = np.array([195, 160, 85]) * light[ring][:, None]  # brass
+    return img, ring
+
+
+DRAW = {"tiles": _tiles, "weave": _weave, "tablet": _tablet, "bolt": _bolt, "planks": _planks, "washer": _washer}
 
 # ----------------------------------------------------------------------------------------------------------
 # Defects: a shape drawn into an "L" mask at SUPERSAMPLE x, then a colour blended in where the mask is on
