@@ -2,6 +2,7 @@
 every checkpoint layout that model.load_checkpoint reads. The reference implementations are imported here
 only; project code never imports them."""
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,10 @@ class _Archive(torch.nn.Module):
 def save_torchscript(model, path, image_size, context_length, vocab_size):
     """An OpenAI-style TorchScript archive (the released OpenAI .pt files are traced modules)."""
     archive = _Archive(model, image_size, context_length, vocab_size)
-    traced = torch.jit.trace(archive, torch.randn(1, 3, image_size, image_size), check_trace=False)
+    with warnings.catch_warnings():  # tracing is deprecated and warns about Python branches; the archive is only read
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(archive, torch.randn(1, 3, image_size, image_size), check_trace=False)
     traced.save(str(path))
 
 
