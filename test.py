@@ -2,6 +2,7 @@ r"""
 Evaluations of a trained or released CLIP (CLIP paper section 3: zero-shot transfer and retrieval).
 
     python test.py                       # the default run (python train.py): zero-shot demo + test-split retrieval
+    python test.py --checkpoint out/mine/last.pt   # the same for a run trained with --out out/mine
     python test.py zeroshot --checkpoint model_hub/TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt \
         --image dog.jpg --text "a dog" "a cat" "a fish" "a pig"
     python test.py retrieval --checkpoint CKPT --data dataset_flickr30k.json --images flickr30k-images \
@@ -82,9 +83,10 @@ def cmd_default(args):
     """After `python train.py`: a zero-shot demo on a few built-in test images, then retrieval on the test split."""
     from data import read_captions
     from synthetic import ensure_shapes
-    if not DEFAULT_RUN.exists():
-        sys.exit(f"error: {DEFAULT_RUN} not found: run `python train.py` first (or see `python test.py --help`)")
-    model = load_checkpoint(DEFAULT_RUN, verbose=True)
+    checkpoint = Path(args.checkpoint or DEFAULT_RUN)
+    if not checkpoint.exists():
+        sys.exit(f"error: {checkpoint} not found: run `python train.py` first (or see `python test.py --help`)")
+    model = load_checkpoint(checkpoint, verbose=True)
     data = ensure_shapes()
     picked = read_captions(data, "test")[:4]
     texts = [r.captions[0] for r in picked]  # the first caption of each picked image
@@ -112,6 +114,8 @@ def cmd_anomaly(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", help="the default run only: a model trained on the built-in data with another "
+                                        "--out (default: out/shapes/last.pt)")
     sub = p.add_subparsers(dest="command")
     z = sub.add_parser("zeroshot", help="cosine similarity and softmax probability of each text for each image")
     z.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (default: a TinyCLIP file in model_hub/)")

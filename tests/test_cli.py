@@ -70,6 +70,20 @@ def test_bad_input_gives_one_line_error(checkpoint, argv, needle):
     assert msg.startswith("error: ") and needle in msg and "Traceback" not in msg
 
 
+def test_default_run_takes_another_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
+    """python test.py --checkpoint OUT/last.pt: the default demo and test-split retrieval for a run trained with
+    another --out (here on a 12-image stand-in for the built-in data)."""
+    import synthetic
+    data = synthetic.generate(tmp_path / "shapes", seed=3, n_train=0, n_val=0, n_test=12, image_size=32, workers=1)
+    monkeypatch.setattr(synthetic, "ensure_shapes", lambda: data)
+    cli.main(["--checkpoint", str(checkpoint / "model.pt")])
+    out = capsys.readouterr().out
+    assert f"checkpoint from {checkpoint / 'model.pt'}" in out  # this model, not out/shapes/last.pt
+    assert "zero-shot" in out and "12 images, 60 captions" in out and "text->image" in out
+    with pytest.raises(SystemExit, match="error: .*missing.pt not found"):
+        cli.main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
 def test_retrieval_writes_json(checkpoint, tmp_path):
     from synthetic import generate
     data = generate(tmp_path / "shapes", seed=3, n_train=0, n_val=0, n_test=12, image_size=32, workers=1)
