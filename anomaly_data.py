@@ -334,7 +334,8 @@ class AnomalyDataset(Dataset):
         mask = read_mask(mask_path, image.size, path)
         if self.augment is not None:
             image, mask = self.augment(image, mask)
-            label = label if not label else int(mask.getbbox() is not None)  # a defect moved out of view: normal
+            if label and mask.getbbox() is None:  # the augmentation moved the whole defect out of view: normal
+                label = 0
         mask = torch.from_numpy(np.asarray(self.mask_transform(mask)) > 0).float()[None]  # (1, H, W)
         return self.transform(image), label, mask
 
@@ -448,20 +449,26 @@ def overlay(image, mask, colour=(255, 0, 0), alpha=0.5):
     return Image.fromarray(np.where(on, (1 - alpha) * rgb + alpha * np.array(colour), rgb).astype(np.uint8))
 
 
+def showcase(items, n):
+    """Indices of up to n items to show: defective ones first, one of each defect type before the second of any,
+    then two (or more, if defects run out) good ones."""
+    bad = sorted((i for i, it in enumerate(items) if it[1]), key=lambda i: (Path(items[i][0]).stem, items[i][3]))
+    picked = bad[:n - 2]
+    return picked + [i for i, it in enumerate(items) if not it[1]][:n - len(picked)]
+
+
 def save_preview(root, out, categories=None, per_row=6, scale=3):
-    """A grid PNG: per category a row of test images (two good, then defects), each above its mask overlay."""
+    """A grid PNG: per category a row of test images (defects, then two good ones), each above its mask overlay."""
     root, rows = Path(root), []
     for category in categories or [c for c in CATEGORIES if (Path(root) / c).is_dir()]:
         items = read_mvtec(root, category, "test")
-        good, bad = [it for it in items if it[1] == 0][:2], [it for it in items if it[1] == 1]
-        bad.sort(key=lambda it: (it[0].stem, it[3]))  # one of each defect before the second of any
-        rows.append(good + bad[:per_row - len(good)])
+        rows.append([items[i] for i in showcase(items, per_row)])
     side = Image.open(rows[0][0][0]).width * scale
     sheet = Image.new("RGB", (per_row * (side + 4) + 4, len(rows) * (2 * side + 12) + 4), "white")
     for r, row in enumerate(rows):
         for k, (path, _, mask_path, defect) in enumerate(row):
             image = Image.open(path).convert("RGB")
-            mask = Image.open(mask_path) if mask_path else Image.new("L", image.size, 0)
+            mask = read_mask(mask_path, image.size, path)
             x, y = 4 + k * (side + 4), 4 + r * (2 * side + 12)
             sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
             sheet.paste(overlay(image, mask).resize((side, side), Image.Resampling.NEAREST), (x, y + side + 2))
@@ -481,14 +488,12 @@ def save_overlays(kept, out, size, per_category=8):
     view, mask_view = Resize((size, size), InterpolationMode.BICUBIC), Resize((size, size), InterpolationMode.NEAREST)
     out.mkdir(parents=True, exist_ok=True)
     for c, (pairs, maps) in kept.items():
-        bad = [i for i, (it, _) in enumerate(pairs) if it[1]]
-        order = sorted(bad, key=lambda i: (Path(pairs[i][0][0]).stem, pairs[i][0][3]))[:per_category - 2]  # mixed defects
-        order += [i for i, (it, _) in enumerate(pairs) if not it[1]][:per_category - len(order)]
+        order = showcase([it for it, _ in pairs], per_category)
         sheet = Image.new("RGB", (len(order) * (size + 2), 3 * (size + 2)), "white")
         for col, i in enumerate(order):
             (path, _, mask_path, _), _ = pairs[i]
-            image = view(Image.open(path).convert("RGB"))
-            mask = mask_view(read_mask(mask_path, Image.open(path).size, path))
+            original = load_image(path)
+            image, mask = view(original), mask_view(read_mask(mask_path, original.size, path))
             blend = Image.blend(image, Image.fromarray(heat(maps[i].numpy())), 0.5)
             for row, tile in enumerate((image, overlay(image, mask), blend)):
                 sheet.paste(tile, (col * (size + 2), row * (size + 2)))
