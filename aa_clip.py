@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from adapters import CLIP_SCALE, given, residual_blend
 from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
-from model import CheckpointError, atomic_save, is_torchscript, load_checkpoint, torch_load
+from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
+from model import CheckpointError
 from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent

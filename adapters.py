@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torchvision.transforms import (Compose, InterpolationMode, Normalize, RandomHorizontalFlip, RandomResizedCrop,
                                     ToTensor)
 
-from model import CLIP, load_checkpoint
+from checkpoints import load_checkpoint
+from model import CLIP
 from templates import get_templates
 from tokenizer import count_tokens, tokenize
 from transform import IMAGE_EXTENSIONS, OPENAI_MEAN, OPENAI_STD, image_transform, load_image

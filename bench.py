@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CLIP, CLIPConfig, load_checkpoint
+from checkpoints import load_checkpoint
+from model import CLIP, CLIPConfig
 from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent

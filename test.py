@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from model import CheckpointError, load_checkpoint
+from checkpoints import load_checkpoint
+from model import CheckpointError
 from tokenizer import tokenize
 from train import pick_device
 from transform import ImageLoadError, image_transform, load_image

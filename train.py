@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions
-from model import CheckpointError, CLIP, CLIPConfig, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from model import CheckpointError, CLIP, CLIPConfig
 from transform import ImageLoadError, image_transform
 
 ROOT = Path(__file__).resolve().parent
@@ -217,7 +218,7 @@ def equalise_batch(images, tokens, world):
 
 
 def save_state(path, model, optimizer, scaler, step, args):
-    """Everything needed to continue exactly: weights + config (model.save_checkpoint), optimizer moments,
+    """Everything needed to continue exactly: weights + config (checkpoints.save_checkpoint), optimizer moments,
     scaler, step, RNG states and the arguments. Tensors and plain containers only (weights_only-safe)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

@@ -1,5 +1,5 @@
 """Test-only helpers: reference models (open_clip, Hugging Face transformers) with random weights, saved in
-every checkpoint layout that model.load_checkpoint reads. The reference implementations are imported here
+every checkpoint layout that checkpoints.load_checkpoint reads. The reference implementations are imported here
 only; project code never imports them."""
 import json
 import warnings

@@ -15,7 +15,8 @@ import train
 from aa_clip import (AACLIP, AAConfig, adapt_residual, anomaly_map, dice_loss, focal_loss, orthogonal_loss, seg_loss,
                      stage1_loss, stage2_loss, text_anchors, vv_attention)
 from anomaly_data import CategoryDataset, ensure_anomaly_shapes, read_mvtec, split_train_val
-from model import CLIP, CLIPConfig, resize_positional, save_checkpoint
+from checkpoints import save_checkpoint
+from model import CLIP, CLIPConfig, resize_positional
 from oracles import ROOT, perturb_
 from tokenizer import tokenize
 

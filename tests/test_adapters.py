@@ -14,7 +14,8 @@ from PIL import Image
 import adapters
 from adapters import (CLIPAdapter, class_prototypes, clip_logits, residual_blend, spurious_kl, spurious_prototypes,
                       tip_adapter_logits, tip_cache, wise_ft)
-from model import CLIP, CLIPConfig, save_checkpoint
+from checkpoints import save_checkpoint
+from model import CLIP, CLIPConfig
 from oracles import ROOT
 
 XS = str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import train
-from model import CLIP, CLIPConfig, save_checkpoint
+from checkpoints import save_checkpoint
+from model import CLIP, CLIPConfig
 from oracles import ROOT
 
 # test.py by path: the standard library has a package named `test` too
@@ -37,7 +38,7 @@ def test_zeroshot_prints_cosine_and_probabilities(checkpoint, capsys):
 
 
 def test_zero_shot_function_matches_manual_computation(checkpoint):
-    from model import load_checkpoint
+    from checkpoints import load_checkpoint
     from tokenizer import tokenize
     from transform import image_transform
     model = load_checkpoint(checkpoint / "model.pt")

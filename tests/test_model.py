@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from model import CLIP, CheckpointError, CLIPConfig, infer_config, load_checkpoint, save_checkpoint
+from checkpoints import infer_config, load_checkpoint, save_checkpoint
+from model import CLIP, CheckpointError, CLIPConfig
 from oracles import (ROOT, hf_features, hf_model, json_config, openclip_model, save_flat, save_tinyclip,
                      save_torchscript)
 

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from model import CLIP, CLIPConfig, load_checkpoint
+from checkpoints import load_checkpoint
+from model import CLIP, CLIPConfig
 from oracles import ROOT
 from train import clip_loss, configure_optimizer, get_lr, train_step
 

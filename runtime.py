@@ -1,0 +1,45 @@
+"""
+Where and how a model runs: the device, the mixed-precision context, and the run log (metrics.jsonl).
+
+Every entry point uses these (train.py, adapters.py, aa_clip.py, test.py, evaluate.py), so this file imports nothing
+of the project. Mixed precision follows PyTorch's automatic mixed precision recipe
+(https://pytorch.org/docs/stable/amp.html): fp32 master weights, matmuls in bf16/fp16 under torch.autocast.
+"""
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name=None, local_rank=0):
+    """The device named (cuda, cuda:1, mps, cpu), else the best available: this process's GPU, Apple's MPS, the CPU."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_precision(device):
+    """bf16 autocast on CUDA (about 2x faster, no loss scaling needed), fp32 elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast_context(device, precision):
+    """Mixed precision keeps fp32 master weights and runs matmuls in bf16/fp16 (never .half() the model:
+    plain fp16 weights and Adam give NaNs, openai/CLIP issue #40). fp16 also needs a GradScaler."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def log_metrics(out, record):
+    """Appends one JSON line to OUT/metrics.jsonl (plot.py reads it)."""
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
