@@ -3,7 +3,7 @@ Anomaly-detection data: a built-in synthetic dataset in the MVTec-AD layout, the
 a Dataset that returns (image, label, pixel mask) with the mask cropped exactly like the image, the held-out
 split and joint image/mask augmentation AA-CLIP trains with, and anomaly-map overlay PNGs.
 
-The synthetic set stands in for MVTec-AD so the AA-CLIP experiments (issue 6) run offline. Six procedurally
+The synthetic set stands in for MVTec-AD so the AA-CLIP experiments (aa_clip.py) run offline. Six procedurally
 drawn categories (three textures, three objects), each with four defect types and an exact pixel mask per defect:
 
     ROOT/<category>/train/good/000.png

@@ -8,7 +8,8 @@ Speed benchmarks (not tests): is our readable code also fast? Three sections, ea
 
 Timing: warm-up runs first, then the median of --repeats timed runs; the two implementations alternate (which one
 goes first also alternates), so a noisy neighbour slows both alike. open_clip (https://github.com/mlfoundations/open_clip)
-is the reference implementation and only needed here and in the tests; the tutorial is shared/seeds/004.
+is the reference implementation and only needed here and in the tests; the tutorial is the MiniClip Flickr tutorial
+(its test_on_flickr loop and IndexFlatL2 search, rewritten in tutorial_features / tutorial_search below).
 """
 import argparse
 import json

@@ -24,7 +24,6 @@ CLIP_benchmark (https://github.com/LAION-AI/CLIP_benchmark).
 Command line: python test.py retrieval --checkpoint CKPT --data CAPTIONS --images DIR (see test.py).
 """
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import CaptionEvalDataset, make_loader
+from runtime import autocast_context, default_precision
 from tokenizer import count_tokens, tokenize
 from transform import image_transform
 
@@ -48,11 +48,6 @@ PROTOCOLS = {"5cap": None, "1cap": 1}  # protocol -> captions_per_image of Capti
 # Encoding: batches through a DataLoader, no autograd, bf16 autocast on CUDA
 
 
-def _autocast(device):
-    # bf16 autocast runs the matmuls in bfloat16 on the GPU (about 2x faster); the features are cast back to float32
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def _device(model, device):
     return torch.device(device) if device is not None else next(model.parameters()).device
 
@@ -64,7 +59,7 @@ def encode_images(model, dataset, batch_size=256, workers=2, device=None, progre
     loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)  # pinned memory on CUDA
     features, order = [], []
     for images, index in tqdm(loader, desc="encode images", disable=not progress):
-        with _autocast(device):
+        with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
             x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
         features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
         order.append(index)
@@ -83,7 +78,7 @@ def encode_texts(model, captions, batch_size=1024, device=None, progress=True):
     order = tokens.argmax(dim=-1).argsort()
     features = torch.empty(len(captions), model.config.embed_dim)
     for chunk in tqdm(order.split(batch_size), desc="encode texts", disable=not progress):
-        with _autocast(device):
+        with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
             x = model.encode_text(tokens[chunk].to(device, non_blocking=True))  # (B, embed_dim)
         features[chunk] = F.normalize(x.float(), dim=-1).cpu()
     return features.numpy()

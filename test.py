@@ -20,7 +20,7 @@ import torch
 from checkpoints import load_checkpoint
 from model import CheckpointError
 from tokenizer import tokenize
-from train import pick_device
+from runtime import pick_device
 from transform import ImageLoadError, image_transform, load_image
 
 ROOT = Path(__file__).resolve().parent
@@ -70,7 +70,7 @@ def cmd_retrieval(args, model=None):
     from evaluate import evaluate_retrieval, format_results
     model = model or load_checkpoint(args.checkpoint, config=args.config, verbose=True)
     records = read_captions(args.data, args.split or None)
-    device = pick_device(None, 0)
+    device = pick_device()
     results = evaluate_retrieval(model.to(device), records, args.images, protocol=args.protocol,
                                  split_name=args.split or "all", batch_size=args.batch_size, workers=args.workers,
                                  device=device, save_dir=args.save_features)
@@ -102,7 +102,7 @@ def cmd_default(args):
 def cmd_anomaly(args):
     """Zero-shot anomaly detection and segmentation (aa_clip.py): per-category image AUROC, pixel AUROC and AP."""
     from aa_clip import load, resolve_test_data, test_report
-    device = pick_device(None, 0)
+    device = pick_device()
     model, adapted, saved = load(args.checkpoint, args.init, args.img_size, device)
     root, categories = resolve_test_data(args, saved)
     out = Path(args.out or ROOT / "out" / "anomaly" / Path(args.checkpoint).stem)
