@@ -3,11 +3,13 @@ AA-CLIP: anomaly-aware CLIP by two-stage adapter training (Ma et al., CVPR 2025,
 code github.com/Mwxinnn/AA-CLIP), for zero-shot anomaly detection (is this image defective?) and
 segmentation (which pixels?) on categories never seen in training.
 
-    python train.py --method aa-clip --init out/shapes/last.pt   # built-in data: train tiles+tablet, test weave+bolt
+    python aa_clip.py --init out/shapes/last.pt   # built-in data: train tiles+tablet, test weave+bolt
+    python train.py --method aa-clip --init out/shapes/last.pt   # the same (train.py hands its arguments here)
     python test.py anomaly --checkpoint out/aa-clip/aa_clip.pt     # evaluate again (table + overlay PNGs)
     python test.py anomaly --checkpoint out/shapes/last.pt         # the un-adapted CLIP through the same pipeline
-    python train.py --method aa-clip --init model_hub/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M.pt \\
+    python aa_clip.py --init model_hub/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M.pt \\
         --data VisA_20220922 --test-data mvtec_anomaly_detection   # the paper's protocol: train VisA, test MVTec
+    python aa_clip.py summary out/aa-clip/seed0 out/aa-clip/seed1      # mean +- std of finished runs
 
 The idea. A CLIP compares an image with "a photo of a bolt" well, but not a *patch* with "a damaged bolt":
 its patch tokens and its normal/abnormal sentences are not separated. AA-CLIP trains small residual adapters,
@@ -20,20 +22,20 @@ with CLIP frozen, in two stages:
 At test time each level gives a patch-vs-anchor anomaly map; the maps are smoothed, upsampled and summed, and the
 image score mixes the map maximum with the detection head.
 
-Where we depart from the reference code (../shared/specs/adapters.md section 6 lists its known issues):
+Where we depart from the reference code (github.com/Mwxinnn/AA-CLIP, train.py and model/adapter.py):
   - stage 1 sums the segmentation loss over ALL levels (the reference overwrites it and trains on the last only);
   - V-V attention runs over the tokens of each image (the reference's softmax runs over the batch axis); we use the
     dual path of CLIP Surgery / AnomalyCLIP's DPAM: the ordinary path is untouched, the V-V path adds attention
     outputs only (no MLP);
   - the checkpoint of each stage is chosen on held-out images of the TRAINING categories, never on test;
   - the anomaly map is smoothed on the patch grid (sigma in patches), so it does not depend on the input size.
-Defaults are scaled to small models (see add_args); the article's values are in each flag's help.
+Defaults are scaled to small models (see get_args); the article's values are in each flag's help.
 """
 import argparse
-import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,12 +45,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import CLIP_SCALE, given, residual_blend
-from anomaly_data import augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays, split_train_val
+from adapters import CLIP_SCALE, residual_blend
+from anomaly_data import (augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays,
+                          split_train_val)
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
 from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
 from model import CheckpointError
+from runtime import pick_device
 from tokenizer import tokenize
+from trainer import train_and_select
+from transform import ImageLoadError
 
 ROOT = Path(__file__).resolve().parent
 FORMAT = "miniclip-aa-clip"
@@ -105,6 +111,18 @@ def adapt_residual(x, adapter, weight):
     return residual_blend(x, a, weight)
 
 
+def resize_positional(pos, grid):
+    """(1 + n*n, width) positional embeddings -> (1 + grid*grid, width): the class row kept, the n x n patch
+    rows resized bicubically (as open_clip's resize_pos_embed does); unchanged when n == grid. AA-CLIP runs a CLIP
+    at twice its input size (a 336-px CLIP at 518 px), so the patch grid is larger than the one it was trained on."""
+    n = math.isqrt(pos.shape[0] - 1)
+    if n == grid:
+        return pos
+    patches = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # (1 + grid*grid, width)
+
+
 def vv_attention(attn, x):
     """V-V self-attention (CLIP Surgery, Li et al. 2023; AnomalyCLIP's DPAM): the block's own value projection
     used as query, key and value, softmax over the TOKENS of each image. x (B, L, D) -> (B, L, D)."""
@@ -134,6 +152,9 @@ class AACLIP(nn.Module):
         for m in [*self.text_adapter.modules(), *self.image_adapter.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
+        grid = cfg.img_size // clip.config.vision.patch_size  # resized once here, not in every forward pass
+        self.register_buffer("positional", resize_positional(clip.visual.positional_embedding.detach(), grid),
+                             persistent=False)
 
     def encode_text(self, tokens):
         """The text tower with an adapter after each of the first text_adapt_until blocks, pooled at EOT,
@@ -153,7 +174,7 @@ class AACLIP(nn.Module):
         """Stage 2 and inference: adapters after the first blocks; the patch tokens of each level through ln_post
         and that level's projection. Returns [(B, N, D) normalised] per level and the detection feature (B, D)."""
         v, ad = self.clip.visual, self.image_adapter
-        x, levels = v.embed(images), []
+        x, levels = v.embed(images, self.positional), []
         for i, block in enumerate(v.transformer.resblocks):
             x = block(x)
             if i < len(ad["adapters"]):
@@ -173,7 +194,7 @@ class AACLIP(nn.Module):
         v = self.clip.visual
         blocks = v.transformer.resblocks
         first_vv = len(blocks) - (self.cfg.surgery_until_layer - 1)  # 0-based index of the first block with V-V
-        x, x_vv, levels = v.embed(images), None, []
+        x, x_vv, levels = v.embed(images, self.positional), None, []
         for i, block in enumerate(blocks):
             if i >= first_vv:
                 x_vv = (x if x_vv is None else x_vv) + vv_attention(block.attn, block.ln_1(x))
@@ -296,7 +317,7 @@ def minmax(x):
 
 
 @torch.no_grad()
-def evaluate(model, data, root, categories, anchors_of, adapted_image, args, device, keep_maps=False):
+def category_metrics(model, data, root, categories, anchors_of, adapted_image, args, device, keep_maps=False):
     """{category: metrics} for each category of root; maps and image scores are min-max normalised per category
     (AA-CLIP's metrics_eval; this uses all test images of the category at once, as the reference does) and the
     image score is 0.5 max(map) + 0.5 head score (industrial data)."""
@@ -307,7 +328,8 @@ def evaluate(model, data, root, categories, anchors_of, adapted_image, args, dev
         for images, label, mask, _ in loader(pairs, [c], model.cfg.img_size, args.batch_size, 0, device=device):
             m, s = predict(model, images.to(device), anchors_of(c), adapted_image, args.sigma)
             maps.append(m.cpu()), scores.append(s.cpu()), masks.append(mask[:, 0]), labels.append(label)
-        maps, scores, masks, labels = minmax(torch.cat(maps)), minmax(torch.cat(scores)), torch.cat(masks), torch.cat(labels)
+        maps, scores = minmax(torch.cat(maps)), minmax(torch.cat(scores))
+        masks, labels = torch.cat(masks), torch.cat(labels)
         final = 0.5 * maps.flatten(1).max(dim=1).values + 0.5 * scores
         both = lambda y: 0 < int(y.sum()) < y.numel()  # AUROC and AP need good and defective images (pixels)
         results[c] = {"image_auroc": auroc(final, labels) if both(labels) else None,
@@ -347,101 +369,94 @@ def stage2_loss(model, batch, anchors, device):
     return F.cross_entropy(logits, labels) + seg
 
 
-def fit(name, module, loss_fn, batches, epochs, lr, validate, milestones=(), resume=None, on_epoch=None):
-    """Adam (betas 0.5, 0.999, as AA-CLIP) over module's parameters; validate() after every epoch (and before the
-    first) scores the module on val, and the best-scoring state is loaded at the end. Returns the history.
-    resume: the state on_epoch(state) was given after some epoch of an interrupted run; training goes on from there.
-    The loader's order and augmentation depend only on (seed, epoch), so a resumed run repeats them exactly."""
+def epoch_batches(batches, epoch):
+    batches.sampler.set_epoch(epoch)  # order and augmentation: functions of (seed, epoch)
+    return batches
+
+
+def train_stage(name, module, loss_fn, batches, epochs, lr, validate, state, state_path, milestones=()):
+    """One stage: Adam (betas 0.5, 0.999) with the lr halved at `milestones` iterations, as AA-CLIP trains, run by
+    trainer.train_and_select (the best val epoch is kept). After every epoch the stage's state goes into
+    state_path, so an interrupted run resumes where it stopped: the loader's order and augmentation depend only on
+    (seed, epoch), so a resumed run repeats them exactly. Returns the stage's history."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.5)
-    if resume:
-        module.load_state_dict(resume["module"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        best, best_state, history, start = resume["best"], resume["best_state"], resume["history"], resume["epoch"] + 1
-        print(f"{name}: resuming after epoch {resume['epoch']} of {epochs}")
-    else:
-        best, best_state, history, start = validate(), copy.deepcopy(module.state_dict()), [], 1
-        print(f"{name} epoch 0: val {best:.4f} (before training)")
-    for epoch in range(start, epochs + 1):
-        t0, losses, skipped = time.time(), [], 0
-        if hasattr(getattr(batches, "sampler", None), "set_epoch"):
-            batches.sampler.set_epoch(epoch)  # order and augmentation: functions of (seed, epoch)
-        for batch in batches:
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):  # a bad batch is skipped, never stepped on
-                skipped += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()  # milestones count iterations, as in AA-CLIP
-            losses.append(loss.item())
-        score = validate()
-        history.append({"stage": name, "epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
-                        "val": score, "skipped": skipped, "seconds": round(time.time() - t0, 1)})
-        print(f"{name} epoch {epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}, val {score:.4f}"
-              + (f", {skipped} non-finite batches skipped" if skipped else "") + f" ({history[-1]['seconds']} s)")
-        if score > best:
-            best, best_state = score, copy.deepcopy(module.state_dict())
-        if on_epoch:
-            on_epoch({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "epoch": epoch, "best": best, "best_state": best_state, "history": history})
-    module.load_state_dict(best_state)
-    print(f"{name}: kept the state with the best val score {best:.4f}")
-    return history
+
+    def on_epoch(record, resume_state):
+        loss = float("nan") if record["loss"] is None else record["loss"]
+        print(f"{name} epoch {record['epoch']}: loss {loss:.4f}, val {record['val']:.4f}"
+              + (f", {record['skipped']} non-finite batches skipped" if record["skipped"] else "")
+              + f" ({record['seconds']} s)")
+        state[name] = resume_state
+        atomic_save(state, state_path)
+    if state.get(name):
+        print(f"{name}: resuming after epoch {state[name]['epoch']} of {epochs}")
+    best_epoch, best, history = train_and_select([module], optimizer, scheduler, lambda e: epoch_batches(batches, e),
+                                                 loss_fn, validate, epochs, resume=state.get(name), on_epoch=on_epoch)
+    print(f"{name}: kept epoch {best_epoch} (0: before training), val score {best:.4f}")
+    return [dict(record, stage=name) for record in history]
 
 
-def add_args(parser):
-    """AA-CLIP's flags (train.py --method aa-clip). Defaults are scaled to small models and data; the article's
-    values (ViT-L/14-336 trained on all of VisA) are in each help."""
-    g = parser.add_argument_group("AA-CLIP anomaly adapters (aa_clip.py, --method aa-clip)")
-    g.add_argument("--text-epoch", type=int, default=10, help="stage 1 epochs (article: 5)")
-    g.add_argument("--image-epoch", type=int, default=40, help="stage 2 epochs (article: 20 over all of VisA; here val kept rising to 40)")
-    g.add_argument("--text-lr", type=float, default=1e-3, help="stage 1 Adam lr (article: 1e-5, for thousands of steps)")
-    g.add_argument("--image-lr", type=float, default=5e-4, help="stage 2 Adam lr (article: 5e-4)")
-    g.add_argument("--surgery-until-layer", type=int, default=None,
-                   help="V-V attention in the last N-1 image blocks (article: 20 of 24); default: from the first level on")
-    g.add_argument("--img-size", type=int, default=None, help="input size (article: 518 for a 336-px CLIP); default: 2x the model's")
-    g.add_argument("--text-norm-weight", type=float, default=0.1, help="orthogonality loss weight (article: 0.1)")
-    g.add_argument("--text-adapt-weight", type=float, default=0.1, help="lambda of the text adapters (article: 0.1)")
-    g.add_argument("--image-adapt-weight", type=float, default=0.1, help="lambda of the image adapters (article: 0.1)")
-    g.add_argument("--relu", action="store_true", help="a ReLU after the per-level projections (article's --relu)")
-    g.add_argument("--train-categories", nargs="+", default=None, help=f"default: all of --data ({' '.join(BUILTIN_TRAIN)} for the built-in)")
-    g.add_argument("--test-data", default=None, help="data tested once at the end (default: --data)")
-    g.add_argument("--test-categories", nargs="*", default=None,
-                   help=f"categories of --test-data tested at the end (default: {' '.join(BUILTIN_TEST)} for the built-in, "
-                        "all for another --test-data; none if --test-data is --data)")
-    g.add_argument("--val-fraction", type=float, default=0.3, help="share of each training category's test images held out for selection")
-    g.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in patches (article: 1)")
-    return parser
+def get_args(argv=None):
+    """AA-CLIP's flags. Defaults are scaled to small models and data; the article's values (ViT-L/14-336 trained on
+    all of VisA) are in each help."""
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="python aa_clip.py summary RUN_DIR [RUN_DIR ...] tabulates finished runs.")
+    p.add_argument("--init", default=None, help="the pretrained CLIP to adapt (any checkpoint load_checkpoint reads)")
+    p.add_argument("--data", default=None, help="MVTec-AD or VisA root of the training categories (default: built-in)")
+    p.add_argument("--out", default=str(ROOT / "out" / "aa-clip"), help="run folder (aa_clip.pt, results.json, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="article: 16 (text), 2 (image, at 518 px)")
+    p.add_argument("--shots", "--shot", type=int, default=0, help="training images per category (0: all of them)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/aa_state.pt (or re-test a finished run)")
+    p.add_argument("--text-epoch", type=int, default=10, help="stage 1 epochs (article: 5)")
+    p.add_argument("--image-epoch", type=int, default=40,
+                   help="stage 2 epochs (article: 20 over all of VisA; here val kept rising to 40)")
+    p.add_argument("--text-lr", type=float, default=1e-3, help="stage 1 Adam lr (article: 1e-5, for 1000s of steps)")
+    p.add_argument("--image-lr", type=float, default=5e-4, help="stage 2 Adam lr (article: 5e-4)")
+    p.add_argument("--surgery-until-layer", type=int, default=None,
+                   help="V-V attention in the last N-1 image blocks (article: 20 of 24); default: from the first "
+                        "level on")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (article: 518 for a 336-px CLIP); default: 2x the model's")
+    p.add_argument("--text-norm-weight", type=float, default=0.1, help="orthogonality loss weight (article: 0.1)")
+    p.add_argument("--text-adapt-weight", type=float, default=0.1, help="lambda of the text adapters (article: 0.1)")
+    p.add_argument("--image-adapt-weight", type=float, default=0.1, help="lambda of the image adapters (article: 0.1)")
+    p.add_argument("--relu", action="store_true", help="a ReLU after the per-level projections (article's --relu)")
+    p.add_argument("--train-categories", nargs="+", default=None,
+                   help=f"default: all of --data ({' '.join(BUILTIN_TRAIN)} for the built-in)")
+    p.add_argument("--test-data", default=None, help="data tested once at the end (default: --data)")
+    p.add_argument("--test-categories", nargs="*", default=None,
+                   help=f"categories of --test-data tested at the end (default: {' '.join(BUILTIN_TEST)} for the "
+                        "built-in, all for another --test-data; none if --test-data is --data)")
+    p.add_argument("--val-fraction", type=float, default=0.3,
+                   help="share of each training category's test images held out for selection")
+    p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the maps, in patches (article: 1)")
+    return p.parse_args(argv)
 
 
-def resolve(args):
-    """Defaults that depend on the data and on which shared flags were typed (args.typed, set by train.py)."""
-    hp = argparse.Namespace(**vars(args))
-    hp.batch_size = args.batch_size if given(args, "batch_size") else 16  # article: 16 (text), 2 (image, at 518 px)
-    hp.shots = args.shots if given(args, "shots") else 0  # 0: every image of the training categories
-    hp.out = args.out if given(args, "out") else str(ROOT / "out" / "aa-clip")
+def data_plan(args):
+    """The training and test data and categories the run will read, checked now, not after an hour of training."""
     builtin = args.data is None
-    hp.data = str(ensure_anomaly_shapes() if builtin else Path(args.data).resolve())  # resolved: compared below
-    hp.train_categories = args.train_categories or (BUILTIN_TRAIN if builtin else list_categories(hp.data))
-    hp.test_data = str(Path(args.test_data).resolve()) if args.test_data else hp.data
-    check_categories(hp.data, hp.train_categories, "--train-categories")
+    data = str(ensure_anomaly_shapes() if builtin else Path(args.data).resolve())  # resolved: compared below
+    train_categories = args.train_categories or (BUILTIN_TRAIN if builtin else list_categories(data))
+    test_data = str(Path(args.test_data).resolve()) if args.test_data else data
+    check_categories(data, train_categories, "--train-categories")
     if args.test_categories is not None:
-        hp.test_categories = args.test_categories
+        test_categories = args.test_categories
     elif builtin and args.test_data is None:
-        hp.test_categories = BUILTIN_TEST
+        test_categories = BUILTIN_TEST
     else:
-        hp.test_categories = [] if hp.test_data == hp.data else list_categories(hp.test_data)
-    if hp.test_data == hp.data and set(hp.test_categories) & set(hp.train_categories):
-        raise ValueError(f"--test-categories {sorted(set(hp.test_categories) & set(hp.train_categories))} are also "
+        test_categories = [] if test_data == data else list_categories(test_data)
+    if test_data == data and set(test_categories) & set(train_categories):
+        raise ValueError(f"--test-categories {sorted(set(test_categories) & set(train_categories))} are also "
                          "training categories: the zero-shot protocol tests on categories never trained on")
-    check_categories(hp.test_data, hp.test_categories, "--test-categories")  # now, not after an hour of training
-    for k in ("epochs", "lr"):
-        if k in getattr(args, "typed", ()):
-            print(f"note: --{k.replace('_', '-')} is not used by aa-clip (see --text-epoch, --image-epoch, --text-lr, --image-lr)")
-    return hp
+    check_categories(test_data, test_categories, "--test-categories")
+    return {"data": data, "train_categories": train_categories, "test_data": test_data,
+            "test_categories": test_categories}
 
 
 def check_categories(root, categories, flag):
@@ -454,23 +469,25 @@ RESUME_KEYS = ("init", "data", "train_categories", "shots", "seed", "val_fractio
                "image_epoch", "text_lr", "image_lr", "text_norm_weight", "sigma")  # what defines a run, for --resume
 
 
-def run(args):
-    """python train.py --method aa-clip: stage 1, stage 2, save OUT/aa_clip.pt, test once on the test categories."""
-    from train import pick_device
-    hp = resolve(args)
+def train_aa_clip(args):
+    """Stage 1, stage 2, save OUT/aa_clip.pt, test once on the test categories; returns the results dict."""
+    if args.init in (None, "scratch"):
+        raise ValueError("--init CKPT is required: aa-clip adapts a pretrained CLIP (e.g. out/shapes/last.pt)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("--method aa-clip trains small adapters in one process: run it with python, not torchrun")
-    device = pick_device(hp.device, 0)
+        raise ValueError("aa-clip trains small adapters in one process: run it with python, not torchrun")
+    hp = argparse.Namespace(**{**vars(args), **data_plan(args)})
+    device = pick_device(hp.device)
     clip = load_checkpoint(hp.init, verbose=True)
     cfg = AAConfig.for_model(clip.config, hp.img_size, hp.surgery_until_layer,
-                             image_adapt_weight=hp.image_adapt_weight, text_adapt_weight=hp.text_adapt_weight, relu=hp.relu)
+                             image_adapt_weight=hp.image_adapt_weight, text_adapt_weight=hp.text_adapt_weight,
+                             relu=hp.relu)
     torch.manual_seed(hp.seed)  # the adapters' initialisation
     model = AACLIP(clip, cfg).to(device)
     out = Path(hp.out)
     settings = {k: getattr(hp, k) for k in RESUME_KEYS} | {"init": str(Path(hp.init).resolve()), "config": asdict(cfg)}
-    record = check_resume(out, settings, hp.resume)
+    state = check_resume(out, settings, hp.resume)
     t0 = time.time()
-    history = train_stages(model, hp, device, record, out / "aa_state.pt")
+    history = train_stages(model, hp, device, state, out / "aa_state.pt")
     print(f"trained in {time.time() - t0:.0f} s")
     save(model, out / "aa_clip.pt", hp, history)
     results = {"method": "aa-clip", "init": hp.init, "data": hp.data, "seed": hp.seed, "device": str(device),
@@ -489,54 +506,47 @@ def check_resume(out, settings, resume):
     if not resume:
         for existing in (path, out / "aa_clip.pt"):
             if existing.exists():
-                raise ValueError(f"{existing} exists: pass --resume to continue (or re-test) that run, or choose another --out")
+                raise ValueError(f"{existing} exists: pass --resume to continue (or re-test) that run, "
+                                 "or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         return {"settings": settings}
     if not path.exists():
         raise ValueError(f"--resume: {path} does not exist (run without --resume to start)")
-    record = torch_load(path)
-    changed = {k: (record["settings"].get(k), v) for k, v in settings.items() if record["settings"].get(k) != v}
+    state = torch_load(path)
+    changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
     if changed:
         raise ValueError(f"--resume: {path} was trained with other settings: "
                          + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items()))
-    return record
+    return state
 
 
-def train_stages(model, hp, device, record, state_path):
-    """Stage 1 (text adapter on the V-V features), then stage 2 (image adapter, anchors frozen); after every epoch
-    both stages' states are written to state_path, so an interrupted run resumes where it stopped."""
+def train_stages(model, hp, device, state, state_path):
+    """Stage 1 (text adapter on the V-V features), then stage 2 (image adapter, anchors frozen)."""
     train_pairs, val_pairs = split_train_val(hp.data, hp.train_categories, hp.val_fraction, hp.shots, hp.seed)
     print(f"aa-clip: {model.cfg}\ntrain {len(train_pairs)} / val {len(val_pairs)} images of "
           f"{', '.join(hp.train_categories)} ({hp.data}); test categories: {', '.join(hp.test_categories) or 'none'}")
     names, ctx_len = [category_name(c) for c in hp.train_categories], model.clip.config.text.context_length
-    val_items = lambda _root, c: [it for it, cat in val_pairs if cat == c]  # evaluate() asks data(root, category)
+    val_items = lambda _root, c: [it for it, cat in val_pairs if cat == c]  # category_metrics asks data(root, category)
 
     def val_score(adapted_image):  # mean over training categories of (pixel AUROC + image AUROC) / 2
         anchors = text_anchors(model.encode_text, names, ctx_len, device)
-        r = evaluate(model, val_items, hp.data, hp.train_categories, lambda c: anchors[hp.train_categories.index(c)],
-                     adapted_image, hp, device)
+        r = category_metrics(model, val_items, hp.data, hp.train_categories,
+                             lambda c: anchors[hp.train_categories.index(c)], adapted_image, hp, device)
         return (mean_of(r, "pixel_auroc") + mean_of(r, "image_auroc")) / 2
 
-    def saver(stage):
-        def save_epoch(state):
-            record[stage] = state
-            atomic_save(record, state_path)
-        return save_epoch
-
-    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(False),
-                     seed=hp.seed, device=device)
-    history = fit("text", model.text_adapter, lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device),
-                  batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), resume=record.get("text"),
-                  on_epoch=saver("text"))
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers,
+                     augmentation(False), seed=hp.seed, device=device)
+    history = train_stage("text", model.text_adapter,
+                          lambda b: stage1_loss(model, b, names, hp.text_norm_weight, device),
+                          batches, hp.text_epoch, hp.text_lr, lambda: val_score(False), state, state_path)
     with torch.no_grad():
         anchors = text_anchors(model.encode_text, names, ctx_len, device)  # frozen from here on
-    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers, augmentation(True),
-                     seed=hp.seed + 1, device=device)
+    batches = loader(train_pairs, hp.train_categories, model.cfg.img_size, hp.batch_size, hp.workers,
+                     augmentation(True), seed=hp.seed + 1, device=device)
     total = hp.image_epoch * len(batches)  # AA-CLIP halves the lr at iterations 16k and 32k (~15 % and 30 % of its run)
-    return history + fit("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device), batches,
-                         hp.image_epoch, hp.image_lr, lambda: val_score(True),
-                         milestones=(max(1, int(0.15 * total)), max(2, int(0.3 * total))),
-                         resume=record.get("image"), on_epoch=saver("image"))
+    return history + train_stage("image", model.image_adapter, lambda b: stage2_loss(model, b, anchors, device),
+                                 batches, hp.image_epoch, hp.image_lr, lambda: val_score(True), state, state_path,
+                                 milestones=(max(1, int(0.15 * total)), max(2, int(0.3 * total))))
 
 
 def save(model, path, hp, history):
@@ -567,7 +577,8 @@ def load(path, init=None, img_size=None, device="cpu"):
     if not Path(base).exists():
         raise FileNotFoundError(f"{path} adapts the CLIP {base}, which is not there: pass --init PATH to it")
     clip = load_checkpoint(base)
-    if clip.config.to_dict() != saved["clip_config"] or fingerprint(clip) != saved.get("clip_fingerprint", fingerprint(clip)):
+    same = fingerprint(clip) == saved.get("clip_fingerprint", fingerprint(clip))
+    if clip.config.to_dict() != saved["clip_config"] or not same:
         raise CheckpointError(f"{base} is not the CLIP {path} was trained on (its weights differ); pass --init")
     cfg = AAConfig(**saved["aa_config"])
     if img_size and img_size != cfg.img_size:
@@ -605,7 +616,7 @@ def test_report(model, root, categories, hp, device, out, adapted=True):
     with torch.no_grad():
         encode = model.encode_text if adapted else model.clip.encode_text
         anchors = text_anchors(encode, names, ctx_len, device)
-    results, kept = evaluate(model, lambda r, c: read_items(r, c, "test"), root, categories,
+    results, kept = category_metrics(model, lambda r, c: read_items(r, c, "test"), root, categories,
                              lambda c: anchors[categories.index(c)], adapted, hp, device, keep_maps=True)
     table = per_category_table(results)
     title = "AA-CLIP (adapted)" if adapted else "CLIP (un-adapted: V-V patch features, CLIP's own text anchors)"
@@ -619,12 +630,14 @@ def test_report(model, root, categories, hp, device, out, adapted=True):
 
 def summary(folders):
     """Mean +- std over runs (e.g. seeds) of the test metrics in each folder's results.json, adapted vs un-adapted."""
+    if not folders:
+        raise ValueError("usage: python aa_clip.py summary RUN_DIR [RUN_DIR ...]")
     missing = [str(f) for f in folders if not (Path(f) / "results.json").is_file()]
     if missing:
-        raise SystemExit(f"error: no results.json in {', '.join(missing)} (an unfinished run? train.py --resume ends it)")
+        raise ValueError(f"no results.json in {', '.join(missing)} (an unfinished run? --resume finishes it)")
     runs = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
     if any("adapted" not in r for r in runs) or len({tuple(r["test_categories"]) for r in runs}) != 1:
-        raise SystemExit("error: every run must have test results on the same test categories")
+        raise ValueError("every run must have test results on the same test categories")
     keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP")]
     lines = [f"Zero-shot test categories {', '.join(runs[0]['test_categories'])}, mean +- std over {len(runs)} run(s) "
              f"(seeds {', '.join(str(r.get('seed', '?')) for r in runs)})\n",
@@ -636,12 +649,22 @@ def summary(folders):
                 v = [r[model]["mean"][k] if c == "mean" else r[model]["test"][c][k] for r in runs]
                 v = 100 * np.array([np.nan if x is None else x for x in v])  # None: undefined (one class only)
                 cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
-            lines.append(f"| {'AA-CLIP' if model == 'adapted' else 'CLIP, no adapters'} | {c} | " + " | ".join(cells) + " |")
+            name = "AA-CLIP" if model == "adapted" else "CLIP, no adapters"
+            lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
 
+def main(argv=None):
+    """python aa_clip.py [flags] trains and tests (also python train.py --method aa-clip [flags]);
+    python aa_clip.py summary RUN_DIR ... tabulates finished runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["summary"]:
+            return summary(argv[1:])
+        return train_aa_clip(get_args(argv))
+    except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")  # bad input: one readable line naming the file or flag, no traceback
+
+
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) < 3 or sys.argv[1] != "summary":
-        raise SystemExit("usage: python aa_clip.py summary RUN_DIR [RUN_DIR ...]   (train with python train.py --method aa-clip)")
-    summary(sys.argv[2:])
+    main()

@@ -251,6 +251,23 @@ class EpochSampler(Sampler):
         return max(self.n - self.start, 0)
 
 
+class ShardedBatches(torch.utils.data.Sampler):
+    """Cuts the epoch order (data.EpochSampler) into global batches and yields this process's slice of each,
+    so N processes with batch B see exactly what one process with batch N*B sees. drop_last: every step has
+    the same number of negatives."""
+
+    def __init__(self, sampler, batch_size, rank, world):
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __iter__(self):
+        keys, g, b = list(self.sampler), self.batch_size * self.world, self.batch_size
+        for start in range(0, len(keys) - g + 1, g):
+            yield keys[start + self.rank * b: start + (self.rank + 1) * b]
+
+    def __len__(self):
+        return len(self.sampler) // (self.batch_size * self.world)
+
+
 def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu", drop_last=True, collate_fn=collate_skip_bad):
     """The DataLoader settings we use.
 

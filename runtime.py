@@ -1,15 +1,18 @@
 """
-Where and how a model runs: the device, the mixed-precision context, and the run log (metrics.jsonl).
+Where and how a model runs: the device, the processes (torchrun), the mixed-precision context, and the run log
+(metrics.jsonl).
 
 Every entry point uses these (train.py, adapters.py, aa_clip.py, test.py, evaluate.py), so this file imports nothing
 of the project. Mixed precision follows PyTorch's automatic mixed precision recipe
 (https://pytorch.org/docs/stable/amp.html): fp32 master weights, matmuls in bf16/fp16 under torch.autocast.
 """
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def pick_device(name=None, local_rank=0):
@@ -43,3 +46,25 @@ def log_metrics(out, record):
     """Appends one JSON line to OUT/metrics.jsonl (plot.py reads it)."""
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def equalise_batch(images, tokens, world):
+    """A skipped unreadable image makes one process's batch smaller; all_gather needs equal sizes, so every
+    process trims its batch to the smallest one."""
+    if world == 1:
+        return images, tokens
+    n = torch.tensor([images.shape[0]], device=images.device if images.is_cuda else "cpu")
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return images[:n.item()], tokens[:n.item()]

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, save_checkpoint
-from data import check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions
+from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions,
+                  ShardedBatches)
 from model import CheckpointError, CLIP, CLIPConfig
-from runtime import autocast_context, default_precision, log_metrics, pick_device
+from runtime import autocast_context, default_precision, equalise_batch, log_metrics, pick_device, setup_distributed
 from trainer import get_lr
 from transform import ImageLoadError, image_transform
 
@@ -42,29 +43,33 @@ METHODS = {"aa-clip": "aa_clip.py", **{m: "adapters.py" for m in (
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="--method M hands the other arguments to adapters.py (few-shot methods) or "
-                                       "aa_clip.py (aa-clip), which have their own flags: python train.py --method M --help")
-    p.add_argument("--config", default=str(ROOT / "model_configs" / "MiniCLIP-S-64px.json"), help="model JSON (for --init scratch)")
-    p.add_argument("--init", default="scratch", help="'scratch', or any checkpoint load_checkpoint reads (TinyCLIP .pt, HF dir, ...)")
-    p.add_argument("--data", default=None, help="caption file (Karpathy JSON, Flickr8k.token.txt, list JSON, CSV); default: built-in Shapes")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "--method M hands the other arguments to adapters.py (few-shot methods) or aa_clip.py (aa-clip), which have "
+        "their own flags: python train.py --method M --help"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "model_configs" / "MiniCLIP-S-64px.json"),
+                   help="model JSON (for --init scratch)")
+    p.add_argument("--init", default="scratch",
+                   help="'scratch', or any checkpoint load_checkpoint reads (TinyCLIP .pt, HF dir, ...)")
+    p.add_argument("--data", default=None,
+                   help="caption file (Karpathy JSON, Flickr8k.token.txt, list JSON, CSV); default: built-in Shapes")
     p.add_argument("--images", default=None, help="image root of --data")
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-split", default="train", help="split trained on ('' for every entry of --data)")
     p.add_argument("--val-split", default="val", help="split for --eval-every ('' to skip)")
     p.add_argument("--test-split", default="test", help="split evaluated once at the end ('' to skip)")
     p.add_argument("--out", default=str(ROOT / "out" / "shapes"), help="run directory: last.pt, metrics.jsonl, plot")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=6, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
-    p.add_argument("--batch-size", type=int, default=128, help="per process; the loss sees batch-size x processes pairs")
+    p.add_argument("--batch-size", type=int, default=128, help="per process; the loss sees batch-size x processes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, class/positional embeddings, logit_scale)")
+    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only: see configure_optimizer)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (also saved at the end)")
-    p.add_argument("--eval-every", type=int, default=150, help="steps between validation recall evaluations (0: end only)")
+    p.add_argument("--eval-every", type=int, default=150, help="steps between validation recalls (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--method", choices=list(METHODS), default=None, help="adapt a pretrained CLIP instead (see below)")
@@ -135,19 +140,7 @@ def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
 
 
 # -----------------------------------------------------------------------------
-# Processes and data
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+# Data
 
 
 def resolve_data(data, images, rank, world):
@@ -160,25 +153,8 @@ def resolve_data(data, images, rank, world):
             data = str(ensure_shapes())
         images = images or str(Path(data).parent / "images")
     if images is None:
-        raise ValueError("--images DIR is required with --data (the folder the caption file's image paths are relative to)")
+        raise ValueError("--images DIR is required with --data (the folder the caption file's paths start from)")
     return data, images
-
-
-class ShardedBatches(torch.utils.data.Sampler):
-    """Cuts the epoch order (data.EpochSampler) into global batches and yields this process's slice of each,
-    so N processes with batch B see exactly what one process with batch N*B sees. drop_last: every step has
-    the same number of negatives."""
-
-    def __init__(self, sampler, batch_size, rank, world):
-        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
-
-    def __iter__(self):
-        keys, g, b = list(self.sampler), self.batch_size * self.world, self.batch_size
-        for start in range(0, len(keys) - g + 1, g):
-            yield keys[start + self.rank * b: start + (self.rank + 1) * b]
-
-    def __len__(self):
-        return len(self.sampler) // (self.batch_size * self.world)
 
 
 def train_loader(args, data, images, config, device, rank, world):
@@ -187,26 +163,17 @@ def train_loader(args, data, images, config, device, rank, world):
     check_images(records, images)
     truncated = count_truncated(records, config.text.context_length)
     print(f"data: {data} [{args.train_split}]: {len(records)} images, {sum(len(r.captions) for r in records)} captions"
-          + (f", {truncated} captions longer than {config.text.context_length} tokens will be truncated" if truncated else ""))
+          + (f", {truncated} longer than {config.text.context_length} tokens will be truncated" if truncated else ""))
     dataset = CaptionTrainDataset(records, images, image_transform(config.vision.image_size, is_train=True),
                                   config.text.context_length, args.seed)
     sampler = EpochSampler(len(dataset), args.seed)
     batches = ShardedBatches(sampler, args.batch_size, rank, world)
     if len(batches) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one global batch of {args.batch_size * world}")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda")
     return loader, sampler
-
-
-def equalise_batch(images, tokens, world):
-    """A skipped unreadable image makes one process's batch smaller; all_gather needs equal sizes, so every
-    process trims its batch to the smallest one."""
-    if world == 1:
-        return images, tokens
-    n = torch.tensor([images.shape[0]], device=images.device if images.is_cuda else "cpu")
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    return images[:n.item()], tokens[:n.item()]
 
 
 def evaluate(model, data, images, split, workers, device):
@@ -216,6 +183,18 @@ def evaluate(model, data, images, split, workers, device):
                                  batch_size=256, workers=workers, device=device)
     print(format_results(results))
     return results
+
+
+def final_evaluation(model, args, data, images, device, out):
+    """Validation, then the test split, read once, here; results_{val,test}.json and the training plot."""
+    model.eval()
+    for split, name in ((args.val_split, "val"), (args.test_split, "test")):
+        if split:
+            results = evaluate(model, data, images, split, args.workers, device)
+            log_metrics(out, {"step": "final", name: results})
+            (out / f"results_{name}.json").write_text(json.dumps(results, indent=2))
+    from plot import plot_metrics
+    print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +208,8 @@ def save_state(path, model, optimizer, scaler, step, run):
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint(path, model, step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    scheduler={"name": "cosine", "peak_lr": run["lr"], "warmup": run["warmup"], "total_steps": run["total_steps"]},
+                    scheduler={"name": "cosine", "peak_lr": run["lr"], "warmup": run["warmup"],
+                               "total_steps": run["total_steps"]},
                     rng=rng, args=run)
 
 
@@ -266,7 +246,8 @@ def trim_metrics(path, step):
     """A fresh run starts a new log; a resumed one drops what the interrupted run logged after its last save."""
     if path.exists():
         records = [json.loads(line) for line in path.read_text().splitlines()] if step else []
-        path.write_text("".join(json.dumps(r) + "\n" for r in records if isinstance(r["step"], int) and r["step"] <= step))
+        kept = [r for r in records if isinstance(r["step"], int) and r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 # -----------------------------------------------------------------------------
@@ -289,8 +270,8 @@ def train(args, argv=()):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    model = CLIP(CLIPConfig.from_json(args.config)) if args.init == "scratch" else load_checkpoint(args.init, verbose=True)
-    model.to(device)
+    model = (CLIP(CLIPConfig.from_json(args.config)) if args.init == "scratch" else
+             load_checkpoint(args.init, verbose=True)).to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)
@@ -344,17 +325,17 @@ def train(args, argv=()):
                 non_finite = 0
             t_end = time.time()
             if master:
+                sps, scale = batch_images.shape[0] * world / (t_end - t_data), model.logit_scale.exp().item()
                 log_metrics(out, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                  "logit_scale": model.logit_scale.exp().item(), "bad_images": bad_images,
-                                  "samples_per_s": batch_images.shape[0] * world / (t_end - t_data),
+                                  "logit_scale": scale, "bad_images": bad_images, "samples_per_s": sps,
                                   "data_wait": (t_step - t_data) / (t_end - t_data)})
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{model.logit_scale.exp().item():.1f}",
-                                sps=f"{batch_images.shape[0] * world / (t_end - t_data):.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{sps:.0f}")
                 bar.update(1)
                 if step % args.save_every == 0 or step == total_steps:
                     save_state(ckpt_path, model, optimizer, scaler, step, run)
                 if args.eval_every and step % args.eval_every == 0 and args.val_split:
-                    log_metrics(out, {"step": step, "val": evaluate(model, data, images, args.val_split, args.workers, device)})
+                    val = evaluate(model, data, images, args.val_split, args.workers, device)
+                    log_metrics(out, {"step": step, "val": val})
                     model.train()
             if world > 1 and args.eval_every and step % args.eval_every == 0:
                 dist.barrier()  # the others wait while rank 0 evaluates (no collectives inside evaluation)
@@ -364,15 +345,8 @@ def train(args, argv=()):
     bar.close()
     print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
 
-    if master:  # the final evaluation: validation, then the test split, read once, here
-        model.eval()
-        for split, name in ((args.val_split, "val"), (args.test_split, "test")):
-            if split:
-                results = evaluate(model, data, images, split, args.workers, device)
-                log_metrics(out, {"step": "final", name: results})
-                (out / f"results_{name}.json").write_text(json.dumps(results, indent=2))
-        from plot import plot_metrics
-        print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
+    if master:
+        final_evaluation(model, args, data, images, device, out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
