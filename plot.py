@@ -1,12 +1,15 @@
 """
 Plots a training run's metrics.jsonl (written by train.py): the contrastive loss, the learning rate and the
-logit scale per step, and the validation recall@k at each evaluation.
+logit scale per step, and the validation recall@k at each evaluation. Also the few-shot benchmark's reports
+(adapters.py benchmark): results.csv, table.md and accuracy_vs_shots.png.
 
     python plot.py out/shapes/metrics.jsonl out/shapes/metrics.png
 """
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 
 def read_metrics(path):
@@ -45,6 +48,52 @@ def plot_metrics(metrics_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def summarise(rows, methods, shots):
+    """rows: results dicts -> {(method, K): (mean %, std %, n)} of test accuracy over seeds."""
+    table = {}
+    for m in methods:
+        for k in shots:
+            accs = torch.tensor([100 * r["test_acc"] for r in rows if r["method"] == m and r["shots"] == k])
+            if len(accs):
+                table[m, k] = (accs.mean().item(), accs.std(unbiased=False).item(), len(accs))
+    return table
+
+
+def write_reports(rows, methods, shots, out, title):
+    """The few-shot benchmark's results.csv (every run), table.md (mean +- std over seeds), accuracy_vs_shots.png;
+    returns the markdown table."""
+    out = Path(out)
+    keys = ["method", "shots", "seed", "test_acc", "val_acc", "train_acc", "train_acc_zeroshot", "seconds"]
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    table = summarise(rows, methods, shots)
+    lines += ["", "method,shots,mean_test_acc,std_test_acc,seeds"]
+    lines += [f"{m},{k},{v[0]:.2f},{v[1]:.2f},{v[2]}" for (m, k), v in table.items()]
+    (out / "results.csv").write_text("\n".join(lines) + "\n")
+    md = [f"{title}\n", "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+          "|---|" + "---|" * len(shots)]
+    for m in methods:
+        md.append(f"| {m} | " + " | ".join(f"{table[m, k][0]:.1f} ± {table[m, k][1]:.1f}" if (m, k) in table else "–"
+                                           for k in shots) + " |")
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        ks = [k for k in shots if (m, k) in table]
+        mean, std = torch.tensor([table[m, k][0] for k in ks]), torch.tensor([table[m, k][1] for k in ks])
+        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m == "zeroshot" else "-")
+    ax.set(xscale="log", xlabel="shots per class", ylabel="test accuracy (%)")
+    ax.set_title(title.replace(", mean", "\nmean"), fontsize=9)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_shots.png", dpi=120)
+    plt.close(fig)
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

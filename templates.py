@@ -4,7 +4,7 @@ Prompt templates for zero-shot classifiers: "{}" is replaced by a class name.
 Three standard sets, and a reader for your own file (one template per line):
 - SINGLE: "a photo of a {}.", the CLIP paper's default prompt (Radford et al. 2021, section 3.1.4).
 - IMAGENET7: the 7-template ensemble the CoOp / Tip-Adapter / CLIP-Adapter papers use for ImageNet
-  (Tip-Adapter datasets/imagenet.py, as listed in shared/specs/adapters.md section 1).
+  (Tip-Adapter's datasets/imagenet.py, github.com/gaopengcuhk/Tip-Adapter).
 - OPENAI80: the 80 ImageNet templates of OpenAI's prompt-engineering notebook (openai/CLIP,
   notebooks/Prompt_Engineering_for_ImageNet.ipynb); FD-Align uses them for its spurious prototypes.
 """

@@ -1,9 +1,9 @@
 """adapters.py: each formula on tiny hand-computed inputs, the invariants of the methods (ratio 0 and alpha 0 give
 zero-shot, FD-Align's KL is 0 for an unchanged encoder, cross-modal batches hold text), the protocol (seeded K-shot
 splits saved and reloaded, the test split read only at the end), and a short CPU run of every method."""
-import argparse
 import json
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adapters
+import fewshot
 from adapters import (CLIPAdapter, class_prototypes, clip_logits, residual_blend, spurious_kl, spurious_prototypes,
                       tip_adapter_logits, tip_cache, wise_ft)
 from checkpoints import save_checkpoint
@@ -122,33 +123,25 @@ def tiny(tmp_path_factory):
     return make_imagefolder(root / "data"), ckpt
 
 
-def method_args(data, ckpt, out, method, **kw):
-    p = argparse.ArgumentParser()
-    for flag, default in (("--init", None), ("--data", None), ("--out", None), ("--epochs", 6), ("--batch-size", 128),
-                          ("--lr", 1e-3), ("--wd", 0.1), ("--seed", 0), ("--workers", 0), ("--device", "cpu"),
-                          ("--precision", None)):
-        p.add_argument(flag, default=default, type=type(default) if default is not None else None)
-    adapters.add_method_args(p)
-    args = p.parse_args(["--init", str(ckpt), "--data", str(data), "--out", str(out), "--method", method,
-                         "--shots", "4", "--seed", "1", "--aug-views", "2", "--no-save",
-                         "--feature-cache", str(out.parent / "features")])
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+def method_argv(data, ckpt, out, method, *extra):
+    """The command line of a short CPU run of `method` on the tiny task (python adapters.py ...)."""
+    return ["--init", str(ckpt), "--data", str(data), "--out", str(out), "--method", method, "--shots", "4",
+            "--seed", "1", "--aug-views", "2", "--no-save", "--device", "cpu",
+            "--feature-cache", str(out.parent / "features"), *extra]
 
 
 def test_few_shot_split_seeded_saved_reloaded(tiny, tmp_path):
     data, _ = tiny
-    a = adapters.make_few_shot(str(data), 2, 1, tmp_path / "a.json")
-    b = adapters.make_few_shot(str(data), 2, 1, tmp_path / "b.json")
+    a = fewshot.make_few_shot(str(data), 2, 1, tmp_path / "a.json")
+    b = fewshot.make_few_shot(str(data), 2, 1, tmp_path / "b.json")
     assert a["train"] == b["train"] and a["val"] == b["val"]  # same seed, same files
-    assert adapters.make_few_shot(str(data), 2, 2, None)["train"] != a["train"]
+    assert fewshot.make_few_shot(str(data), 2, 2, None)["train"] != a["train"]
     assert len(a["train"]) == 2 * 4 and len(a["val"]) == 2 * 4  # val = min(K, 4) per class
     assert json.loads((tmp_path / "a.json").read_text())["train"] == a["train"]
-    assert adapters.make_few_shot(str(data), 2, 1, tmp_path / "a.json")["train"] == a["train"]  # reloaded
+    assert fewshot.make_few_shot(str(data), 2, 1, tmp_path / "a.json")["train"] == a["train"]  # reloaded
     with pytest.raises(ValueError):
-        adapters.make_few_shot(str(data), 4, 1, tmp_path / "a.json")  # a file of another K is not silently reused
-    k6 = adapters.make_few_shot(str(data), 6, 1, None)
+        fewshot.make_few_shot(str(data), 4, 1, tmp_path / "a.json")  # a file of another K is not silently reused
+    k6 = fewshot.make_few_shot(str(data), 6, 1, None)
     assert len(k6["val"]) == 4 * 4  # val capped at 4 per class
 
 
@@ -156,40 +149,43 @@ def test_seeded_split_without_split_folders(tmp_path):
     root = tmp_path / "flat"
     make_imagefolder(tmp_path / "f", per_split=(10, 0, 0))
     (tmp_path / "f" / "train").rename(root)
-    s = adapters.make_few_shot(str(root), 2, 1, None)
+    s = fewshot.make_few_shot(str(root), 2, 1, None)
     assert not {p for p, _ in s["train"]} & {p for p, _ in s["val"]}
-    test = adapters.read_test(str(root), s["classes"])
+    test = fewshot.read_test(str(root), s["classes"])
     assert not {p for p, _ in test} & ({p for p, _ in s["train"]} | {p for p, _ in s["val"]})
 
 
 def test_cross_modal_batches_contain_text(tiny, tmp_path):
     data, ckpt = tiny
-    args = method_args(data, ckpt, tmp_path / "run", "cross-modal")
-    hp = adapters.resolve(args)
-    task, _, _ = adapters.build_task(hp, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    args = adapters.parse_args(method_argv(data, ckpt, tmp_path / "run", "cross-modal"))
+    bank = adapters.load_bank(args.init, torch.device("cpu"), nullcontext(), args.feature_cache, args.aug_min_scale)
+    split = fewshot.make_few_shot(args.data, args.shots, args.seed, None)
+    task = adapters.build_task(bank, split, ["a photo of a {}.", "a {} thing."], args.aug_views)
     seen = []
     head = lambda x: (seen.append(x), torch.zeros(len(x), 4, requires_grad=True))[1]
-    loss, _, _ = adapters.cross_modal_batches(task, head, use_text=True)(torch.arange(6), 0)
+    loss = adapters.feature_loss(task, head, seed=1, with_text=True)(torch.arange(6))
     text = F.normalize(task.text, dim=-1).flatten(0, 1)
     assert [len(x) for x in seen] == [6, 6]  # half images, half text
     assert all(any(torch.allclose(row, t) for t in text) for row in seen[1])  # the second half are text embeddings
     assert abs(loss.item() - math.log(4)) < 1e-5
     seen.clear()
-    adapters.cross_modal_batches(task, head, use_text=False)(torch.arange(6), 0)
+    adapters.feature_loss(task, head, seed=1, with_text=False)(torch.arange(6))
     assert [len(x) for x in seen] == [6]  # uni-modal: images only
 
 
 def test_test_split_read_only_at_the_end(tiny, tmp_path, monkeypatch):
     data, ckpt = tiny
     events = []
-    read_split, load_image = adapters.read_split, adapters.load_image
-    monkeypatch.setattr(adapters, "read_split", lambda root, split: (events.append(("list", split)), read_split(root, split))[1])
-    monkeypatch.setattr(adapters, "load_image", lambda p: (events.append(("open", "/test/" in str(p))), load_image(p))[1])
-    monkeypatch.setattr(adapters, "_BANKS", {})
+    read_split, load_image = fewshot.read_split, fewshot.load_image
+    monkeypatch.setattr(fewshot, "read_split",
+                        lambda root, split: (events.append(("list", split)), read_split(root, split))[1])
+    for module in (fewshot, adapters):  # the cached features open images in fewshot.py, fine-tuning in adapters.py
+        monkeypatch.setattr(module, "load_image",
+                            lambda p: (events.append(("open", "/test/" in str(p))), load_image(p))[1])
     for method in ("tip-adapter-f", "finetune"):
         events.clear()
-        adapters.run_method(method_args(data, ckpt, tmp_path / method, method, epochs=2,
-                                        feature_cache=str(tmp_path / method / "features")))
+        adapters.main(method_argv(data, ckpt, tmp_path / method, method, "--epochs", "2",
+                                  "--feature-cache", str(tmp_path / method / "features")))
         listed = [s for kind, s in events if kind == "list"]
         assert listed.count("test") == 1 and listed[-1] == "test"
         first_test = events.index(("list", "test"))
@@ -201,27 +197,39 @@ def test_test_split_read_only_at_the_end(tiny, tmp_path, monkeypatch):
 def test_short_run_improves_training_accuracy(tiny, tmp_path, method):
     torch.set_num_threads(1)
     data, ckpt = tiny
-    epochs = 10 if method in adapters.ENCODER_METHODS else 30
+    epochs = 10 if method in ("finetune", "fd-align") else 30  # the two that train the image encoder
     lr = {"fd-align": 1e-3, "finetune": 1e-3, "coop": 1e-2}.get(method)
-    args = method_args(data, ckpt, tmp_path / method, method, epochs=epochs, n_ctx=4, ratios=[0.6], lr=lr or 1e-3)
-    if lr is None:
-        args.lr = None  # the method's default
-    r = adapters.run_method(args)
+    extra = ["--epochs", str(epochs), "--n-ctx", "4", "--ratios", "0.6", "--batch-size", "128", "--wd", "0.1"]
+    if lr is not None:
+        extra += ["--lr", str(lr)]  # otherwise the method's default
+    r = adapters.main(method_argv(data, ckpt, tmp_path / method, method, *extra))
     assert r["train_acc"] > r["train_acc_zeroshot"], r
     assert 0 <= r["test_acc"] <= 1 and json.loads((tmp_path / method / "results.json").read_text())["method"] == method
 
 
-def test_train_py_defaults_become_method_defaults(tiny):
-    """Flags not typed take the method's defaults; the run never writes into train.py's --out."""
-    train = pytest.importorskip("train")
+def test_loop_flags_not_given_take_the_method_defaults(tiny):
+    """--epochs/--lr/--wd/--batch-size/--patience not given take the method's defaults, given ones are kept (also when
+    they equal another entry point's default); --out defaults to a folder of its own per method, K and seed."""
     data, ckpt = tiny
-    args = train.get_args(["--method", "coop", "--init", str(ckpt), "--data", str(data), "--shots", "2", "--seed", "3"])
-    assert args.typed >= {"method", "init", "data", "shots", "seed"} and "lr" not in args.typed
-    hp = adapters.resolve(args)
-    assert hp.out != args.out and hp.out.endswith("coop-2shot-seed3")
-    assert (hp.lr, hp.epochs) == (adapters.METHOD_DEFAULTS["coop"]["lr"], adapters.METHOD_DEFAULTS["coop"]["epochs"])
-    hp = adapters.resolve(train.get_args(["--method", "coop", "--init", str(ckpt), "--data", str(data), "--lr", "0.5",
-                                          "--out", "x"]))
-    assert (hp.lr, hp.out) == (0.5, "x")  # typed values are kept
-    hp = adapters.resolve(train.get_args(["--method", "coop", "--init", str(ckpt), "--data", str(data), "--lr", "1e-3"]))
-    assert hp.lr == 1e-3  # ... also when they equal train.py's default (train.py's --lr is 1e-3, coop's 2e-3)
+    base = ["--method", "coop", "--init", str(ckpt), "--data", str(data)]
+    args = adapters.parse_args(base + ["--shots", "2", "--seed", "3"])
+    fit = adapters.fit_settings(args)
+    assert args.out.endswith("coop-2shot-seed3")
+    assert (fit.lr, fit.epochs) == (adapters.METHOD_DEFAULTS["coop"]["lr"], adapters.METHOD_DEFAULTS["coop"]["epochs"])
+    args = adapters.parse_args(base + ["--lr", "0.5", "--out", "x"])
+    assert (adapters.fit_settings(args).lr, args.out) == (0.5, "x")  # given values are kept
+    assert adapters.fit_settings(adapters.parse_args(base + ["--lr", "1e-3"])).lr == 1e-3  # ... also train.py's 1e-3
+    assert adapters.fit_settings(adapters.parse_args(base + ["--method", "finetune"])).patience == 5
+
+
+def test_command_line_errors_are_one_line(tiny, tmp_path, capsys):
+    data, ckpt = tiny
+    with pytest.raises(SystemExit) as e:
+        adapters.main(["--help"])
+    assert e.value.code == 0 and "linear-probe: epochs=60" in capsys.readouterr().out  # the defaults table
+    for argv, named in ((["--method", "coop"], "--init"),
+                        (["--method", "coop", "--init", str(tmp_path / "no.pt")], "no.pt"),
+                        (["--method", "coop", "--init", str(ckpt), "--data", str(tmp_path / "none")], "--data")):
+        with pytest.raises(SystemExit) as e:
+            adapters.main(argv)
+        assert str(e.value.code).startswith("error: ") and named in e.value.code  # sys.exit(message): exit status 1
