@@ -1,7 +1,7 @@
 """
 Reading and writing checkpoint files. TinyCLIP releases, open_clip / OpenAI state dicts, OpenAI TorchScript archives,
-Hugging Face CLIPModel directories and safetensors files, and this project's own checkpoints all end up as a
-state dict in the OpenAI key layout, which model.py's CLIP loads without renaming.
+Hugging Face CLIPModel directories and safetensors files, and this project's own checkpoints are each read by one
+small reader, their keys renamed to the OpenAI layout (convert_state_dict), and model.py's build_model makes the CLIP.
 
 References: openai/CLIP clip/clip.py (load) and model.py (build_model), open_clip factory.py (load_checkpoint) and
 convert.py, transformers' CLIPModel key names (models/clip/modeling_clip.py), TinyCLIP's checkpoint releases
@@ -11,14 +11,19 @@ import json
 import warnings
 import zipfile
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
-from model import CLIP, CheckpointError, CLIPConfig, TextConfig, VisionConfig
+from model import CheckpointError, CLIPConfig, TextConfig, VisionConfig, build_model, infer_config
+
+# the public API; infer_config lives in model.py and is re-exported here
+__all__ = ["load_checkpoint", "save_checkpoint", "atomic_save", "torch_load", "is_torchscript", "read_safetensors",
+           "convert_state_dict", "infer_config", "read_checkpoint", "Weights", "CheckpointError"]
 
 # -----------------------------------------------------------------------------
-# Reading checkpoints: TinyCLIP releases, open_clip / OpenAI state dicts, OpenAI TorchScript archives,
-# Hugging Face CLIPModel directories and this project's own files all end up in the flat OpenAI layout.
+# Key names: TinyCLIP releases, open_clip / OpenAI state dicts, OpenAI TorchScript archives, Hugging Face CLIPModel
+# directories and this project's own files all end up in the flat OpenAI layout.
 
 
 # Hugging Face CLIPModel -> OpenAI names. q/k/v are fused and the projections transposed in convert_state_dict.
@@ -72,7 +77,8 @@ def convert_state_dict(sd, layout):
             elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
                 continue
             elif k in ("visual_projection.weight", "text_projection.weight"):
-                k, v = ("visual.proj" if k.startswith("visual") else "text_projection"), v.t()  # Linear stores (out, in)
+                # nn.Linear stores (out, in); our projections are (in, out)
+                k, v = ("visual.proj" if k.startswith("visual") else "text_projection"), v.t()
             for hf, oa in HF_TO_OPENAI:
                 k = k.replace(hf, oa)
         else:
@@ -85,25 +91,17 @@ def convert_state_dict(sd, layout):
     return out
 
 
-def infer_config(sd, quick_gelu=False):
-    """Builds the config from tensor shapes, as openai/CLIP's build_model does (heads = width // 64)."""
-    def count_layers(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.weight",
-            "token_embedding.weight", "positional_embedding", "text_projection", "transformer.resblocks.0.mlp.c_fc.weight"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise CheckpointError(f"cannot infer the architecture: missing {missing} (is this a ViT CLIP checkpoint?)")
-    vw, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    tw = sd["token_embedding.weight"].shape[1]
-    vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
-                          patch_size=patch, head_width=64,
-                          mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
-    text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                      width=tw, heads=tw // 64, layers=count_layers("transformer.resblocks."),
-                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
-    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu)
+# -----------------------------------------------------------------------------
+# Readers: one per file layout. Each returns the tensors as stored and what the file says about itself.
+
+
+class Weights(NamedTuple):
+    """What a checkpoint holds, before its keys are renamed (convert_state_dict)."""
+    state_dict: dict  # the tensors under the file's own key names
+    layout: str  # key names: 'openai' (OpenAI/open_clip, maybe wrapped, as TinyCLIP does) or 'hf' (transformers)
+    config: Optional[CLIPConfig]  # the architecture when the file states it, else None (read from the shapes)
+    quick_gelu: Optional[bool]  # the activation when the file tells it (True: QuickGELU, False: GELU), else None
+    kind: str  # what the file is, for messages
 
 
 def read_safetensors(path):
@@ -119,7 +117,8 @@ def read_safetensors(path):
         if name != "__metadata__":
             start, end = (8 + n + o for o in info["data_offsets"])
             dtype = dtypes[info["dtype"]]
-            sd[name] = torch.frombuffer(raw, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+            count = (end - start) // dtype.itemsize
+            sd[name] = torch.frombuffer(raw, dtype=dtype, offset=start, count=count).reshape(info["shape"])
     return sd
 
 
@@ -129,7 +128,8 @@ def hf_config(path):
     v, t = d.get("vision_config", {}), d.get("text_config", {})
     acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}  # transformers default: quick_gelu
     if not acts <= {"gelu", "quick_gelu"} or len(acts) != 1:
-        raise CheckpointError(f"{path}: hidden_act {sorted(acts)} is not supported (need one of gelu, quick_gelu for both towers)")
+        raise CheckpointError(f"{path}: hidden_act {sorted(acts)} is not supported "
+                              "(need one of gelu, quick_gelu for both towers)")
     eps = {v.get("layer_norm_eps", 1e-5), t.get("layer_norm_eps", 1e-5)}
     if eps != {1e-5}:
         raise CheckpointError(f"{path}: layer_norm_eps {sorted(eps)} is not supported (CLIP uses 1e-5)")
@@ -140,7 +140,8 @@ def hf_config(path):
     text = TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
                       width=tw, heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
                       mlp_ratio=t.get("intermediate_size", 2048) / tw)
-    return CLIPConfig(embed_dim=d.get("projection_dim", 512), vision=vision, text=text, quick_gelu=acts == {"quick_gelu"})
+    return CLIPConfig(embed_dim=d.get("projection_dim", 512), vision=vision, text=text,
+                      quick_gelu=acts == {"quick_gelu"})
 
 
 def is_torchscript(path):
@@ -151,40 +152,6 @@ def is_torchscript(path):
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def read_checkpoint(path):
-    """Reads any supported file or directory. Returns (state_dict, layout, config or None, quick_gelu or None,
-    description). Pickles are read with weights_only=True, so loading a checkpoint never runs its code."""
-    path = Path(path)
-    if path.is_dir():  # d. Hugging Face CLIPModel directory
-        for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", torch_load)):
-            if (path / name).exists() and (path / "config.json").exists():
-                cfg = hf_config(path / "config.json")
-                return read(path / name), "hf", cfg, cfg.quick_gelu, f"Hugging Face CLIPModel ({name})"
-        raise CheckpointError(f"{path}: a directory must hold a Hugging Face CLIPModel "
-                              "(config.json + model.safetensors or pytorch_model.bin)")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if is_torchscript(path):  # c. OpenAI release: a TorchScript archive; we keep only its weights
-        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the released files still are
-            warnings.simplefilter("ignore", FutureWarning)
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        return sd, "openai", None, True, "OpenAI TorchScript archive"
-    obj = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    if "model" in obj and "config" in obj:  # e. this project's own checkpoint (train.py)
-        cfg = CLIPConfig.from_dict(obj["config"], source=f"{path} ['config']")
-        return obj["model"], "openai", cfg, cfg.quick_gelu, "MiniCLIP checkpoint"
-    if "state_dict" in obj:  # a. TinyCLIP release / open_clip training checkpoint
-        obj = obj["state_dict"]
-    layout = "hf" if any(k.startswith(("text_model.", "vision_model.")) for k in obj) else "openai"
-    if layout == "hf":
-        return obj, "hf", None, None, "Hugging Face state dict (no config.json)"
-    if any(w in k for k in obj for w in TINYCLIP_WRAPPERS):
-        return obj, "openai", None, False, "TinyCLIP release (wrapped towers)"  # TinyCLIP uses exact GELU
-    return obj, "openai", None, None, "open_clip/OpenAI state dict"  # b. flat: the activation is unknown
-
-
 def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -192,6 +159,57 @@ def torch_load(path):
         raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}). Files that pickle Python objects other than tensors "
                               "are refused because loading them could run code; re-save the state dict.") from None
+
+
+def read_hf_directory(path):
+    """d. A Hugging Face CLIPModel directory: config.json + model.safetensors or pytorch_model.bin."""
+    for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", torch_load)):
+        if (path / name).exists() and (path / "config.json").exists():
+            cfg = hf_config(path / "config.json")
+            return Weights(read(path / name), "hf", cfg, cfg.quick_gelu, f"Hugging Face CLIPModel ({name})")
+    raise CheckpointError(f"{path}: a directory must hold a Hugging Face CLIPModel "
+                          "(config.json + model.safetensors or pytorch_model.bin)")
+
+
+def read_torchscript(path):
+    """c. An OpenAI release: a TorchScript archive, of which we keep only the weights (trained with QuickGELU)."""
+    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the released files still are
+        warnings.simplefilter("ignore", FutureWarning)
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    return Weights(sd, "openai", None, True, "OpenAI TorchScript archive")
+
+
+def read_miniclip(obj, path):
+    """e. This project's own checkpoint (save_checkpoint): {'model': state dict, 'config': dict, ...}."""
+    cfg = CLIPConfig.from_dict(obj["config"], source=f"{path} ['config']")
+    return Weights(obj["model"], "openai", cfg, cfg.quick_gelu, "MiniCLIP checkpoint")
+
+
+def read_state_dict(obj):
+    """a. A TinyCLIP release ({'state_dict': ...}, towers wrapped, exact GELU), b. a flat open_clip/OpenAI state
+    dict (open_clip training checkpoints also nest it under 'state_dict'), or Hugging Face keys without config.json."""
+    sd = obj.get("state_dict", obj)
+    if any(k.startswith(("text_model.", "vision_model.")) for k in sd):
+        return Weights(sd, "hf", None, None, "Hugging Face state dict (no config.json)")
+    if any(w in k for k in sd for w in TINYCLIP_WRAPPERS):
+        return Weights(sd, "openai", None, False, "TinyCLIP release (wrapped towers)")
+    return Weights(sd, "openai", None, None, "open_clip/OpenAI state dict")  # flat: the activation is unknown
+
+
+def read_checkpoint(path):
+    """Reads any supported file or directory as Weights. Pickles are read with weights_only=True, so loading a
+    checkpoint never runs its code."""
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_directory(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_torchscript(path):
+        return read_torchscript(path)
+    obj = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return read_miniclip(obj, path) if "model" in obj and "config" in obj else read_state_dict(obj)
 
 
 def check_not_pruned(raw_keys, sd):
@@ -214,32 +232,20 @@ def check_not_pruned(raw_keys, sd):
             "(e.g. TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt) instead.")
 
 
-def compare_configs(cfg, inferred):
-    """Lists config fields that the checkpoint's tensor shapes contradict (head counts cannot be seen)."""
-    a, b = cfg.to_dict(), inferred.to_dict()
-    diffs = [f"embed_dim: config {a['embed_dim']}, checkpoint {b['embed_dim']}"] if a["embed_dim"] != b["embed_dim"] else []
-    for tower in ("vision_cfg", "text_cfg"):
-        for k, v in a[tower].items():
-            if k not in ("head_width", "heads") and v != b[tower][k]:
-                diffs.append(f"{tower}.{k}: config {v}, checkpoint {b[tower][k]}")
-    return diffs
+# -----------------------------------------------------------------------------
+# Loading and saving
 
 
-def load_weights(model, sd, source):
-    """Strict load with one readable report of every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def block(title, items):
-            return [f"  {title} ({len(items)}):"] + [f"    {x}" for x in items[:12]] + (["    ..."] if len(items) > 12 else [])
-        lines = [f"{source}: the checkpoint does not match the model"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            lines += block(title, items) if items else []
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(sd, assign=True)  # assign: take the checkpoint's tensors instead of copying them
+def warn_activation(path, weights, config):
+    """Warns when neither the file nor a config says the activation (GELU is then assumed), or when the config
+    contradicts what the file says."""
+    if config is None and weights.quick_gelu is None:
+        warnings.warn(f"{path} ({weights.kind}): the activation cannot be read from a flat state dict; assuming exact "
+                      "GELU (open_clip/TinyCLIP). For OpenAI weights pass a config with \"quick_gelu\": true.")
+    elif config is not None and weights.quick_gelu not in (None, config.quick_gelu):
+        name = {True: "QuickGELU", False: "GELU"}
+        warnings.warn(f"{path} ({weights.kind}) was trained with {name[weights.quick_gelu]}, but the config asks for "
+                      f"{name[config.quick_gelu]}: outputs will differ")
 
 
 def load_checkpoint(path, config=None, verbose=False):
@@ -248,30 +254,19 @@ def load_checkpoint(path, config=None, verbose=False):
     Shapes cannot show the activation: TinyCLIP and open_clip use exact GELU, OpenAI's weights QuickGELU.
     OpenAI archives, Hugging Face directories and our own checkpoints say which one; for a flat state
     dict pass a config (e.g. model_configs/ViT-B-32.json) or GELU is assumed, with a warning."""
-    raw, layout, stored, quick_gelu, kind = read_checkpoint(path)
-    sd = convert_state_dict(raw, layout)
-    check_not_pruned(raw.keys(), sd)
-    inferred = stored or infer_config(sd, quick_gelu=bool(quick_gelu))
-    if config is not None:
-        cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_json(config)
-        diffs = compare_configs(cfg, inferred)
-        if diffs:
-            raise CheckpointError(f"{path}: config does not match the checkpoint:\n  " + "\n  ".join(diffs))
-        if quick_gelu is not None and cfg.quick_gelu != quick_gelu:
-            warnings.warn(f"{path} ({kind}) was trained with {'QuickGELU' if quick_gelu else 'GELU'}, but the "
-                          f"config asks for {'QuickGELU' if cfg.quick_gelu else 'GELU'}: outputs will differ")
-    else:
-        cfg = inferred
-        if quick_gelu is None:
-            warnings.warn(f"{path} ({kind}): the activation cannot be read from a flat state dict; assuming exact GELU "
-                          "(open_clip/TinyCLIP). For OpenAI weights pass a config with \"quick_gelu\": true.")
-    with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
-        model = CLIP(cfg)
-    load_weights(model, sd, f"{path} ({kind})")
+    weights = read_checkpoint(path)  # 1. the tensors as stored, and what the file says about itself
+    sd = convert_state_dict(weights.state_dict, weights.layout)  # 2. renamed to the OpenAI layout, fp32
+    check_not_pruned(weights.state_dict.keys(), sd)  # 3. TinyCLIP 'auto' models do not fit one config
+    if config is not None and not isinstance(config, CLIPConfig):
+        config = CLIPConfig.from_json(config)
+    # 4. the architecture: the config given (checked against the shapes), the file's own, or read from the shapes
+    model = build_model(sd, config or weights.config, bool(weights.quick_gelu), source=f"{path} ({weights.kind})")
+    warn_activation(path, weights, config)  # 5. GELU or QuickGELU: assumed, or contradicted by the config
     if verbose:
-        print(f"loaded {kind} from {path}: {len(sd)} tensors, {'QuickGELU' if cfg.quick_gelu else 'GELU'}, "
+        cfg = model.config
+        print(f"loaded {weights.kind} from {path}: {len(sd)} tensors, {'QuickGELU' if cfg.quick_gelu else 'GELU'}, "
               f"ViT-{cfg.vision.width}w/{cfg.vision.patch_size} + text {cfg.text.width}w x {cfg.text.layers}")
-    return model.eval()
+    return model
 
 
 def atomic_save(obj, path):

@@ -2,8 +2,7 @@
 A complete CLIP written by hand: a Vision Transformer image tower and a causal Transformer text tower
 that embed images and captions into one space (Radford et al. 2021, "Learning Transferable Visual Models
 From Natural Language Supervision", https://arxiv.org/abs/2103.00020, section 2.4 "Choosing and Scaling
-a Model"), plus a loader that reads TinyCLIP, open_clip, OpenAI and Hugging Face checkpoints by
-remapping their keys.
+a Model"), plus `build_model`, which makes one from a state dict in the OpenAI key layout.
 
 References:
 1) openai/CLIP clip/model.py (VisionTransformer, build_model): https://github.com/openai/CLIP
@@ -12,8 +11,8 @@ References:
 4) nanoGPT model.py for the style: https://github.com/karpathy/nanoGPT
 
 Module names follow the OpenAI/open_clip checkpoint keys (visual.conv1, transformer.resblocks.0.attn.in_proj_weight,
-ln_final, text_projection, logit_scale, ...), so those checkpoints load without renaming. The few keys
-that other layouts name differently are remapped in one place: `convert_state_dict` below.
+ln_final, text_projection, logit_scale, ...), so those checkpoints load without renaming. Reading the other file
+layouts (TinyCLIP, Hugging Face, TorchScript, ...) and renaming their keys is checkpoints.py's job.
 """
 import json
 import math
@@ -58,27 +57,21 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        """Reads the open_clip JSON layout: embed_dim, quick_gelu, vision_cfg {...}, text_cfg {...}."""
-        def build(klass, sub, where):
-            if not isinstance(sub, dict):
-                raise ValueError(f"{source}: '{where}' must be an object, got {type(sub).__name__}")
-            known = {f.name for f in fields(klass)}
-            unknown = sorted(set(sub) - known)
-            if unknown:
-                raise ValueError(f"{source}: unknown key(s) {unknown} in '{where}'; allowed: {sorted(known)}")
-            return klass(**sub)
-        top = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
-        unknown = sorted(set(d) - top)
-        if unknown:
+        """Reads the open_clip JSON layout: embed_dim, quick_gelu (optional), vision_cfg {...}, text_cfg {...}.
+        The dataclasses refuse an unknown key; that, or a missing key, becomes one ValueError naming the file."""
+        rest = dict(d)
+        try:
+            vision, text = VisionConfig(**rest.pop("vision_cfg")), TextConfig(**rest.pop("text_cfg"))
+            # what is left must be embed_dim and quick_gelu: CLIPConfig refuses any other key
+            return cls(embed_dim=rest.pop("embed_dim"), vision=vision, text=text,
+                       quick_gelu=bool(rest.pop("quick_gelu", False)), **rest)
+        except (KeyError, TypeError) as e:  # TypeError: "VisionConfig.__init__() got an unexpected keyword argument"
+            problem = f"missing key {e}" if isinstance(e, KeyError) else e
             hint = " (TinyCLIP 'auto' configs describe pruned models, which are not supported)" \
-                if {"mask_image", "mask_text"} & set(unknown) else ""
-            raise ValueError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(top)}{hint}")
-        for key in ("embed_dim", "vision_cfg", "text_cfg"):
-            if key not in d:
-                raise ValueError(f"{source}: missing required key '{key}'")
-        return cls(embed_dim=d["embed_dim"], quick_gelu=bool(d.get("quick_gelu", False)),
-                   vision=build(VisionConfig, d["vision_cfg"], "vision_cfg"),
-                   text=build(TextConfig, d["text_cfg"], "text_cfg"))
+                if {"mask_image", "mask_text"} & set(rest) else ""
+            vision_keys, text_keys = (", ".join(f.name for f in fields(c)) for c in (VisionConfig, TextConfig))
+            raise ValueError(f"{source}: {problem}{hint}; allowed keys: embed_dim, quick_gelu, "
+                             f"vision_cfg {{{vision_keys}}}, text_cfg {{{text_keys}}}") from None
 
     @classmethod
     def from_json(cls, path):
@@ -161,17 +154,6 @@ class Transformer(nn.Module):
         return x
 
 
-def resize_positional(pos, grid):
-    """(1 + n*n, width) positional embeddings -> (1 + grid*grid, width): the class row kept, the n x n patch
-    rows resized bicubically (as open_clip's resize_pos_embed does); unchanged when n == grid."""
-    n = math.isqrt(pos.shape[0] - 1)
-    if n == grid:
-        return pos
-    patches = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # (1 + grid*grid, width)
-
-
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2020) as used by CLIP: patches -> [class] + patches -> Transformer -> class token."""
 
@@ -189,15 +171,15 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
-    def embed(self, x):
-        """Images -> the Transformer's input tokens (B, 1 + g*g, width). Images larger than image_size (a multiple of
-        the patch) get the positional grid resized, as AA-CLIP runs a 336-px CLIP at 518 px (aa_clip.py)."""
+    def embed(self, x, positional_embedding=None):
+        """Images -> the Transformer's input tokens (B, 1 + g*g, width). positional_embedding (1 + g*g, width) replaces
+        self.positional_embedding: AA-CLIP runs a 336-px CLIP at 518 px with a table it resized once (aa_clip.py)."""
+        pos = self.positional_embedding if positional_embedding is None else positional_embedding
         x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, width, g, g)
-        g = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + g*g, width)
-        return self.ln_pre(x + resize_positional(self.positional_embedding, g).to(x.dtype))
+        return self.ln_pre(x + pos.to(x.dtype))
 
     def forward(self, x):
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -235,7 +217,8 @@ class CLIP(nn.Module):
         vc, tc = self.config.vision, self.config.text
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower, width, layers in ((self.transformer, tc.width, tc.layers), (self.visual.transformer, vc.width, vc.layers)):
+        towers = ((self.transformer, tc.width, tc.layers), (self.visual.transformer, vc.width, vc.layers))
+        for tower, width, layers in towers:
             proj_std = width ** -0.5 * (2 * layers) ** -0.5  # residual projections scaled down with depth
             for block in tower.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
@@ -277,8 +260,76 @@ class CLIP(nn.Module):
     def forward(self, images, tokens):
         """Returns L2-normalised image and text features and the temperature exp(logit_scale).
         The logits are logit_scale * image_features @ text_features.T (the loss lives in train.py)."""
-        return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale.exp()
+        image_features = self.encode_image(images, normalize=True)  # (B, embed_dim)
+        text_features = self.encode_text(tokens, normalize=True)  # (B, embed_dim)
+        return image_features, text_features, self.logit_scale.exp()
+
+
+# -----------------------------------------------------------------------------
+# Building a CLIP from a state dict in the OpenAI layout (openai/CLIP clip/model.py build_model)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read or does not fit the model (the message says why)."""
+
+
+def infer_config(sd, quick_gelu=False, source="state dict"):
+    """Builds the config from tensor shapes, as openai/CLIP's build_model does (heads = width // 64).
+    The shapes cannot show the activation: quick_gelu says it."""
+    def count_layers(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+            "visual.transformer.resblocks.0.mlp.c_fc.weight", "token_embedding.weight", "positional_embedding",
+            "text_projection", "transformer.resblocks.0.mlp.c_fc.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: cannot infer the architecture: missing {missing} "
+                              "(is this a ViT CLIP checkpoint?)")
+    vw, _, patch, _ = sd["visual.conv1.weight"].shape  # (width, 3, patch, patch)
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # (1 + grid*grid, width)
+    vocab, tw = sd["token_embedding.weight"].shape
+    vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
+                          patch_size=patch, head_width=64,
+                          mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
+    text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
+                      heads=tw // 64, layers=count_layers("transformer.resblocks."),
+                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu)
+
+
+def compare_configs(cfg, inferred):
+    """Lists config fields that the checkpoint's tensor shapes contradict (head counts cannot be seen)."""
+    a, b = cfg.to_dict(), inferred.to_dict()
+    pairs = [("embed_dim", a["embed_dim"], b["embed_dim"])] + [(f"{tower}.{k}", v, b[tower][k])
+             for tower in ("vision_cfg", "text_cfg") for k, v in a[tower].items() if k not in ("head_width", "heads")]
+    return [f"{name}: config {x}, checkpoint {y}" for name, x, y in pairs if x != y]
+
+
+def load_weights(model, sd, source):
+    """Strict load with one readable report of every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    problems = {"missing keys": [k for k in expected if k not in sd],
+                "unexpected keys": [k for k in sd if k not in expected],
+                "shape mismatches": [f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)}"
+                                     for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
+    if any(problems.values()):
+        lines = [f"{source}: the checkpoint does not match the model"]
+        for title, items in problems.items():
+            if items:  # at most 12 of each kind, then "..."
+                more = ["    ..."] if len(items) > 12 else []
+                lines += [f"  {title} ({len(items)}):"] + [f"    {x}" for x in items[:12]] + more
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, assign=True)  # assign: take the checkpoint's tensors instead of copying them
+
+
+def build_model(sd, config=None, quick_gelu=False, source="state dict"):
+    """A CLIP in eval mode holding the weights of sd, a state dict in the OpenAI layout (openai/CLIP's build_model).
+    config None: the architecture is read from the tensor shapes, quick_gelu says the activation; a given CLIPConfig
+    is checked against the shapes instead. source names the weights in error messages."""
+    inferred = infer_config(sd, quick_gelu, source)
+    if config is not None and (diffs := compare_configs(config, inferred)):
+        raise CheckpointError(f"{source}: config does not match the checkpoint:\n  " + "\n  ".join(diffs))
+    with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+        model = CLIP(inferred if config is None else config)
+    load_weights(model, sd, source)
+    return model.eval()

@@ -199,7 +199,7 @@ def test_resize_positional_and_double_size_inputs():
     model = AACLIP(clip, AAConfig.for_model(clip.config))
     assert model.cfg.img_size == 64
     x = images(2, 64)
-    assert clip.visual.embed(x).shape == (2, 1 + 64, 32)
+    assert clip.visual.embed(x, model.positional).shape == (2, 1 + 64, 32)
     with torch.no_grad():
         patches, det = model.encode_image(x)
     assert [tuple(p.shape) for p in patches] == [(2, 64, 32)] * 4 and det.shape == (2, 32)

@@ -105,7 +105,8 @@ def test_parity(reference, layout, checkpoint_file):
     path = checkpoint_file(layout)
     config = ROOT / "model_configs" / f"{reference['name']}.json"
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # every layout here says (or is told) its activation: no warning expected
+        # every layout here says (or is told) its activation: no warning expected
+        warnings.simplefilter("error", UserWarning)
         model = load_checkpoint(path, config=config if layout.startswith("flat") else None)
     assert not model.training and model.dtype == torch.float32
     with torch.no_grad():
@@ -222,7 +223,8 @@ def test_unknown_config_key(tmp_path):
     p = tmp_path / "c.json"
     p.write_text('{"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, '
                  '"foo": 1}, "text_cfg": {}}')
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['foo'\] in 'vision_cfg'"):
+    with pytest.raises(ValueError, match=r"c\.json: VisionConfig.* unexpected keyword argument 'foo'"
+                                         r".*vision_cfg \{image_size"):
         CLIPConfig.from_json(p)
 
 
