@@ -6,8 +6,10 @@ Every entry point uses these (train.py, adapters.py, aa_clip.py, test.py, evalua
 of the project. Mixed precision follows PyTorch's automatic mixed precision recipe
 (https://pytorch.org/docs/stable/amp.html): fp32 master weights, matmuls in bf16/fp16 under torch.autocast.
 """
+import argparse
 import json
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,3 +70,32 @@ def equalise_batch(images, tokens, world):
     n = torch.tensor([images.shape[0]], device=images.device if images.is_cuda else "cpu")
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     return images[:n.item()], tokens[:n.item()]
+
+
+# -----------------------------------------------------------------------------
+# Command lines: flag types that refuse pointless values at parse time, and errors and warnings as one plain line
+
+
+def int_at_least(low):
+    """An argparse type: an integer >= low (e.g. int_at_least(2) for a contrastive batch), else a usage error."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # what argparse names in "invalid ... value"
+    return parse
+
+
+def error_line(e):
+    """One line for an error: a DataLoader worker's exception arrives wrapped in the worker's traceback
+    ("Caught ImageLoadError in DataLoader worker process 0. Original Traceback ..."); keep the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]  # "transform.ImageLoadError: cannot read ..." -> the message
+    return " ".join(text.split())
+
+
+def plain_warnings():
+    """Warnings print as one line "warning: ...", without the file name and source line Python adds."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
