@@ -51,7 +51,8 @@ from anomaly_data import (augmentation, ensure_anomaly_shapes, list_categories, 
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
 from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
 from model import CheckpointError
-from runtime import pick_device
+from run_state import lock_run_dir
+from runtime import error_line, pick_device, plain_warnings
 from tokenizer import tokenize
 from trainer import train_and_select
 from transform import ImageLoadError
@@ -484,20 +485,23 @@ def train_aa_clip(args):
     torch.manual_seed(hp.seed)  # the adapters' initialisation
     model = AACLIP(clip, cfg).to(device)
     out = Path(hp.out)
-    settings = {k: getattr(hp, k) for k in RESUME_KEYS} | {"init": str(Path(hp.init).resolve()), "config": asdict(cfg)}
-    state = check_resume(out, settings, hp.resume)
-    t0 = time.time()
-    history = train_stages(model, hp, device, state, out / "aa_state.pt")
-    print(f"trained in {time.time() - t0:.0f} s")
-    save(model, out / "aa_clip.pt", hp, history)
-    results = {"method": "aa-clip", "init": hp.init, "data": hp.data, "seed": hp.seed, "device": str(device),
-               "torch": torch.__version__, "config": asdict(cfg), "train_categories": hp.train_categories,
-               "test_categories": hp.test_categories, "train_seconds": round(time.time() - t0, 1), "history": history}
-    if hp.test_categories:  # the test images are read here, once, after all selection
-        results["adapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out)
-        results["unadapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out, adapted=False)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    with lock_run_dir(out):  # one run per folder: a second one is refused, naming this one's PID
+        settings = {k: getattr(hp, k) for k in RESUME_KEYS}
+        settings |= {"init": str(Path(hp.init).resolve()), "config": asdict(cfg)}
+        state = check_resume(out, settings, hp.resume)
+        t0 = time.time()
+        history = train_stages(model, hp, device, state, out / "aa_state.pt")
+        print(f"trained in {time.time() - t0:.0f} s")
+        save(model, out / "aa_clip.pt", hp, history)
+        results = {"method": "aa-clip", "init": hp.init, "data": hp.data, "seed": hp.seed, "device": str(device),
+                   "torch": torch.__version__, "config": asdict(cfg), "train_categories": hp.train_categories,
+                   "test_categories": hp.test_categories, "train_seconds": round(time.time() - t0, 1),
+                   "history": history}
+        if hp.test_categories:  # the test images are read here, once, after all selection
+            results["adapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out)
+            results["unadapted"] = test_report(model, hp.test_data, hp.test_categories, hp, device, out, adapted=False)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        return results
 
 
 def check_resume(out, settings, resume):
@@ -658,12 +662,14 @@ def main(argv=None):
     """python aa_clip.py [flags] trains and tests (also python train.py --method aa-clip [flags]);
     python aa_clip.py summary RUN_DIR ... tabulates finished runs."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    plain_warnings()
     try:
         if argv[:1] == ["summary"]:
             return summary(argv[1:])
         return train_aa_clip(get_args(argv))
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")  # bad input: one readable line naming the file or flag, no traceback
+        message = error_line(e)
+    sys.exit(f"error: {message}")  # bad input: one readable line naming the file or flag, no traceback
 
 
 if __name__ == "__main__":

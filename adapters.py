@@ -46,7 +46,7 @@ from checkpoints import load_checkpoint
 from fewshot import FeatureBank, make_few_shot, read_test, template_features
 from model import CLIP
 from plot import write_reports
-from runtime import autocast_context, default_precision, log_metrics, pick_device
+from runtime import autocast_context, default_precision, error_line, log_metrics, pick_device, plain_warnings
 from synthetic import ensure_fewshot_shapes
 from templates import get_templates
 from tokenizer import count_tokens, tokenize
@@ -620,6 +620,9 @@ def parse_args(argv, benchmark=False):
         raise ValueError("--init CKPT is required: the pretrained CLIP to adapt (python train.py: out/shapes/last.pt)")
     if not Path(args.init).exists():
         raise FileNotFoundError(f"--init {args.init}: no such file (train the default model with python train.py)")
+    if args.data is not None and Path(args.data).is_file():
+        raise ValueError(f"--data {args.data} is a file: the adapters read an ImageFolder directory "
+                         "(DIR/train/<class>/*.png, DIR/val, DIR/test; or DIR/<class>/*.png)")
     if args.data is not None and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     args.data = args.data or str(ensure_fewshot_shapes())
@@ -657,6 +660,7 @@ def main(argv=None):
     """python adapters.py --method M --init CKPT [...] (one run; python train.py --method M [...] calls
     main(["--method", M, ...])) or python adapters.py benchmark [...]. A bad flag or file: one error line, exit 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    plain_warnings()
     try:
         if argv[:1] == ["benchmark"]:
             return benchmark(parse_args(argv[1:], benchmark=True))
@@ -664,8 +668,9 @@ def main(argv=None):
         device = pick_device(args.device)
         ctx = autocast_context(device, args.precision or default_precision(device))
         return run(args, load_bank(args.init, device, ctx, args.feature_cache, args.aug_min_scale))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError and ImageLoadError are ValueErrors
+        message = error_line(e)
+    sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ convert.py, transformers' CLIPModel key names (models/clip/modeling_clip.py), Ti
 (https://github.com/wkcn/TinyCLIP), the safetensors format (https://github.com/huggingface/safetensors).
 """
 import json
+import math
+import os
+import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,6 +20,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from model import CheckpointError, CLIPConfig, TextConfig, VisionConfig, build_model, infer_config
+
+CONFIGS = Path(__file__).resolve().parent / "model_configs"  # the shipped configs (open_clip JSON layout)
 
 # the public API; infer_config lives in model.py and is re-exported here
 __all__ = ["load_checkpoint", "save_checkpoint", "atomic_save", "torch_load", "is_torchscript", "read_safetensors",
@@ -104,35 +110,90 @@ class Weights(NamedTuple):
     kind: str  # what the file is, for messages
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_safetensors(path):
     """A .safetensors file is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}
     and the raw little-endian tensor bytes; reading it needs no extra package."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
     raw = bytearray(Path(path).read_bytes())
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: {len(raw)} bytes, too short for a safetensors file (it starts with 8 bytes "
+                              "that give the header length); save or download it again")
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    sd = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            start, end = (8 + n + o for o in info["data_offsets"])
-            dtype = dtypes[info["dtype"]]
-            count = (end - start) // dtype.itemsize
-            sd[name] = torch.frombuffer(raw, dtype=dtype, offset=start, count=count).reshape(info["shape"])
-    return sd
+    if 8 + n > len(raw):
+        raise CheckpointError(f"{path}: the safetensors header length {n} is past the end of the file "
+                              f"({len(raw)} bytes): the file is truncated or not a safetensors file")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header must be a JSON object, found {type(header).__name__}")
+    return {name: safetensors_tensor(raw, 8 + n, name, info, path)
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def safetensors_tensor(raw, start, name, info, path):
+    """One tensor of a safetensors file whose data begin at raw[start]. Its header entry is checked first:
+    a known dtype, and data_offsets [begin, end) inside the data holding exactly the shape's bytes."""
+    where = f"{path}: tensor {name!r}"
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+        raise CheckpointError(f"{where}: the header entry must be {{dtype, shape, data_offsets}}, found {info!r:.80}")
+    dtype, shape, offsets = SAFETENSORS_DTYPES.get(str(info["dtype"])), info["shape"], info["data_offsets"]
+    size = len(raw) - start  # bytes of tensor data
+    if dtype is None:
+        raise CheckpointError(f"{where}: dtype {info['dtype']!r:.20} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+    if not (naturals(shape) and naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] <= size):
+        raise CheckpointError(f"{where}: shape {shape!r:.40} or data_offsets {offsets!r:.40} are not valid for "
+                              f"{size} bytes of data: the file is truncated or damaged")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but shape "
+                              f"{shape} of {info['dtype']} needs {nbytes}: the file is damaged")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)  # torch.frombuffer refuses to read zero bytes
+    return torch.frombuffer(raw, dtype=dtype, offset=start + offsets[0], count=nbytes // dtype.itemsize).reshape(shape)
+
+
+def naturals(x):
+    """True for a list of non-negative ints, as a safetensors shape or data_offsets must be."""
+    return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+
+
+def read_json_object(path):
+    """A JSON file that must hold one object {...}."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found {type(d).__name__}")
+    return d
 
 
 def hf_config(path):
     """CLIPConfig from a Hugging Face config.json (transformers' defaults fill keys that are absent)."""
-    d = json.loads(Path(path).read_text())
-    v, t = d.get("vision_config", {}), d.get("text_config", {})
+    d = read_json_object(path)
+    v, t = ({} if d.get(key) is None else d[key] for key in ("vision_config", "text_config"))
+    for key, sub in (("vision_config", v), ("text_config", t)):
+        if not isinstance(sub, dict):
+            raise CheckpointError(f"{path}: {key} must be a JSON object {{...}}, found {type(sub).__name__}")
+    try:
+        return hf_towers(d, v, t)
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a value of the wrong type, or a config check failed
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def hf_towers(d, v, t):
+    """The CLIPConfig of config.json's top level d and its vision (v) and text (t) parts."""
     acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}  # transformers default: quick_gelu
     if not acts <= {"gelu", "quick_gelu"} or len(acts) != 1:
-        raise CheckpointError(f"{path}: hidden_act {sorted(acts)} is not supported "
-                              "(need one of gelu, quick_gelu for both towers)")
+        raise ValueError(f"hidden_act {sorted(acts)} is not supported (need one of gelu, quick_gelu for both towers)")
     eps = {v.get("layer_norm_eps", 1e-5), t.get("layer_norm_eps", 1e-5)}
     if eps != {1e-5}:
-        raise CheckpointError(f"{path}: layer_norm_eps {sorted(eps)} is not supported (CLIP uses 1e-5)")
+        raise ValueError(f"layer_norm_eps {sorted(eps)} is not supported (CLIP uses 1e-5)")
     vw, tw = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = VisionConfig(image_size=v.get("image_size", 224), layers=v.get("num_hidden_layers", 12), width=vw,
                           patch_size=v.get("patch_size", 32), head_width=vw // v.get("num_attention_heads", 12),
@@ -146,19 +207,38 @@ def hf_config(path):
 
 def is_torchscript(path):
     # TorchScript archives are zip files with a code/ folder and constants.pkl; torch.save zips have neither
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip, or a damaged one: torch_load says what is wrong
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def first_sentence(e):
+    """The start of an exception's message, for a one-line report (torch's messages run over many lines)."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}"
 
 
 def torch_load(path):
+    """torch.load with weights_only=True: tensors and plain containers only, so loading a file never runs its code.
+    Every failure becomes one line that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), left by an interrupted save or download; "
+                              "use another checkpoint or download it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}). Files that pickle Python objects other than tensors "
-                              "are refused because loading them could run code; re-save the state dict.") from None
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, probably truncated or damaged "
+                                  f"({first_sentence(e)}); save or download it again") from None
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(e))  # e.g. "Unsupported global: ..."
+        raise CheckpointError(f"{path}: refused by weights-only loading ({found.group(1) if found else 'not tensors'})"
+                              ": files that pickle Python objects other than tensors could run code when loaded; "
+                              "re-save only the state dict") from None
 
 
 def read_hf_directory(path):
@@ -166,34 +246,66 @@ def read_hf_directory(path):
     for name, read in (("model.safetensors", read_safetensors), ("pytorch_model.bin", torch_load)):
         if (path / name).exists() and (path / "config.json").exists():
             cfg = hf_config(path / "config.json")
-            return Weights(read(path / name), "hf", cfg, cfg.quick_gelu, f"Hugging Face CLIPModel ({name})")
+            sd = tensors_only(read(path / name), path / name)
+            return Weights(sd, "hf", cfg, cfg.quick_gelu, f"Hugging Face CLIPModel ({name})")
     raise CheckpointError(f"{path}: a directory must hold a Hugging Face CLIPModel "
                           "(config.json + model.safetensors or pytorch_model.bin)")
 
 
 def read_torchscript(path):
     """c. An OpenAI release: a TorchScript archive, of which we keep only the weights (trained with QuickGELU)."""
-    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the released files still are
-        warnings.simplefilter("ignore", FutureWarning)
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the released files still are
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as e:  # torch.jit.load's messages run over many lines and name C++ internals
+        raise CheckpointError(f"{path}: looks like a TorchScript archive (a zip with code/ and constants.pkl) but "
+                              f"cannot be loaded as one ({first_sentence(e)}); download the OpenAI release again, or "
+                              "save a state dict instead") from None
     return Weights(sd, "openai", None, True, "OpenAI TorchScript archive")
 
 
 def read_miniclip(obj, path):
     """e. This project's own checkpoint (save_checkpoint): {'model': state dict, 'config': dict, ...}."""
     cfg = CLIPConfig.from_dict(obj["config"], source=f"{path} ['config']")
-    return Weights(obj["model"], "openai", cfg, cfg.quick_gelu, "MiniCLIP checkpoint")
+    sd = tensors_only(obj["model"], path, " ['model']")
+    return Weights(sd, "openai", cfg, cfg.quick_gelu, "MiniCLIP checkpoint")
 
 
-def read_state_dict(obj):
-    """a. A TinyCLIP release ({'state_dict': ...}, towers wrapped, exact GELU), b. a flat open_clip/OpenAI state
-    dict (open_clip training checkpoints also nest it under 'state_dict'), or Hugging Face keys without config.json."""
-    sd = obj.get("state_dict", obj)
+def tinyclip_name(path):
+    """The shipped TinyCLIP config whose name begins the file's name, else None:
+    TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt -> TinyCLIP-ViT-40M-32-Text-19M (model_configs/ has its JSON)."""
+    names = [p.stem for p in CONFIGS.glob("TinyCLIP*.json")
+             if path.name.startswith(p.stem) and path.name[len(p.stem):][:1] in ("-", "_", ".")]
+    return max(names, key=len, default=None)
+
+
+def read_state_dict(obj, path):
+    """a. A TinyCLIP release ({'state_dict': ...}, towers wrapped, exact GELU; the LAION400M/YFCC15M releases are
+    flat keys under one DDP "module.", told by their file name), b. a flat open_clip/OpenAI state dict (open_clip
+    training checkpoints also nest it under 'state_dict'), or Hugging Face keys without config.json."""
+    sd = tensors_only(obj.get("state_dict", obj), path, " ['state_dict']" if "state_dict" in obj else "")
     if any(k.startswith(("text_model.", "vision_model.")) for k in sd):
         return Weights(sd, "hf", None, None, "Hugging Face state dict (no config.json)")
     if any(w in k for k in sd for w in TINYCLIP_WRAPPERS):
         return Weights(sd, "openai", None, False, "TinyCLIP release (wrapped towers)")
+    if name := tinyclip_name(path):  # the architecture and activation (GELU) of the config named like the file
+        cfg = CLIPConfig.from_json(CONFIGS / f"{name}.json")
+        return Weights(sd, "openai", cfg, cfg.quick_gelu, f"TinyCLIP release ({name}, by its file name)")
     return Weights(sd, "openai", None, None, "open_clip/OpenAI state dict")  # flat: the activation is unknown
+
+
+def tensors_only(sd, path, where=""):
+    """sd itself, checked to be a state dict: tensors under string keys (where: its place in the file)."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}{where}: expected a state dict (a dict of tensors), found {type(sd).__name__}; "
+                              "save model.state_dict()")
+    bad = [repr(k) for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}{where}: {len(bad)} entries are not tensors ({', '.join(bad[:5])}"
+                              f"{', ...' if len(bad) > 5 else ''}); a state dict holds only tensors: "
+                              "save model.state_dict()")
+    return sd
 
 
 def read_checkpoint(path):
@@ -208,8 +320,9 @@ def read_checkpoint(path):
         return read_torchscript(path)
     obj = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return read_miniclip(obj, path) if "model" in obj and "config" in obj else read_state_dict(obj)
+        raise CheckpointError(f"{path}: expected a state dict (a dict of tensors) or a checkpoint dict holding one, "
+                              f"found {type(obj).__name__}; save model.state_dict()")
+    return read_miniclip(obj, path) if "model" in obj and "config" in obj else read_state_dict(obj, path)
 
 
 def check_not_pruned(raw_keys, sd):
@@ -230,6 +343,15 @@ def check_not_pruned(raw_keys, sd):
             "this looks like a TinyCLIP 'auto' (pruned) checkpoint: its layers have different widths or are "
             "missing, which a uniform ViT config cannot describe. Use a manual-inheritance TinyCLIP release "
             "(e.g. TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt) instead.")
+
+
+def check_finite(sd, path):
+    """NaN or Inf weights (a run that diverged, a damaged file) would load and then give NaN probabilities."""
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensor{'s' * (len(bad) > 1)} hold NaN or Inf values "
+                              f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the run diverged or the file "
+                              "is damaged; use an earlier checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -257,11 +379,12 @@ def load_checkpoint(path, config=None, verbose=False):
     weights = read_checkpoint(path)  # 1. the tensors as stored, and what the file says about itself
     sd = convert_state_dict(weights.state_dict, weights.layout)  # 2. renamed to the OpenAI layout, fp32
     check_not_pruned(weights.state_dict.keys(), sd)  # 3. TinyCLIP 'auto' models do not fit one config
+    check_finite(sd, path)  # 4. no NaN or Inf
     if config is not None and not isinstance(config, CLIPConfig):
         config = CLIPConfig.from_json(config)
-    # 4. the architecture: the config given (checked against the shapes), the file's own, or read from the shapes
+    # 5. the architecture: the config given (checked against the shapes), the file's own, or read from the shapes
     model = build_model(sd, config or weights.config, bool(weights.quick_gelu), source=f"{path} ({weights.kind})")
-    warn_activation(path, weights, config)  # 5. GELU or QuickGELU: assumed, or contradicted by the config
+    warn_activation(path, weights, config)  # 6. GELU or QuickGELU: assumed, or contradicted by the config
     if verbose:
         cfg = model.config
         print(f"loaded {weights.kind} from {path}: {len(sd)} tensors, {'QuickGELU' if cfg.quick_gelu else 'GELU'}, "
@@ -269,17 +392,50 @@ def load_checkpoint(path, config=None, verbose=False):
     return model
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file first, then rename it over `path`: a run killed while saving never
-    leaves a half-written file."""
+def keep_as_previous(path):
+    """Keeps the file now at path as <stem>.prev<suffix> (last.pt -> last.prev.pt): a hard link, a second name for
+    the same bytes that costs no space, or a copy where the file system has no hard links. It is made under a
+    temporary name, so an existing .prev file is only ever replaced by a complete one."""
+    prev = path.with_name(f"{path.stem}.prev{path.suffix}")
+    part = prev.with_name(prev.name + ".tmp")
+    part.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, part)
+        except OSError:  # no hard links here (some network and FAT drives)
+            shutil.copyfile(path, part)
+        os.replace(part, prev)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save to path + ".tmp", then rename it over path: a run killed while saving never leaves a half-written
+    file. keep_previous: the file replaced stays as <stem>.prev<suffix>. If writing fails (a full disk), the .tmp
+    file is removed and the OSError says so in one line; path still holds the previous save."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    tmp, had_previous = path.with_name(path.name + ".tmp"), path.exists()
+    try:
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is OSError ENOSPC, not a torch RuntimeError
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them the checkpoint
+        if keep_previous and had_previous:
+            keep_as_previous(path)  # before the rename: a complete path exists at every moment
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, an interrupt, an object that cannot be pickled: no .tmp left behind
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        left = f"{path} still holds the previous save" if had_previous else "nothing was saved"
+        error = OSError(f"cannot write {path}: {e.strerror or e}; {left}")
+        error.errno = e.errno  # e.g. errno.ENOSPC; str(error) stays the one line above
+        raise error from None
 
 
-def save_checkpoint(path, model, **extra):
-    """Writes {'model', 'config', **extra} atomically (atomic_save). Only tensors and plain Python containers go
-    in, so torch.load(path, weights_only=True) reads it back."""
-    atomic_save({"model": model.state_dict(), "config": model.config.to_dict(), **extra}, path)
+def save_checkpoint(path, model, keep_previous=False, **extra):
+    """Writes {'model', 'config', **extra} atomically (atomic_save; keep_previous keeps the file it replaces as
+    <stem>.prev<suffix>). Only tensors and plain Python containers go in, so torch.load(path, weights_only=True)
+    reads it back."""
+    atomic_save({"model": model.state_dict(), "config": model.config.to_dict(), **extra}, path, keep_previous)

@@ -21,12 +21,16 @@ the same batches.
 import csv
 import io
 import json
+import os
 import random
 import re
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tokenizer import count_tokens, tokenize
@@ -58,8 +62,8 @@ def _karpathy(data):
 
 
 def _tutorial_list(data):
-    return [(im["image"], [im["caption"]] if isinstance(im["caption"], str) else list(im["caption"]), im.get("split"))
-            for im in data]
+    return [(im["image"], list(im["caption"]) if isinstance(im["caption"], list) else [im["caption"]], im.get("split"))
+            for im in data]  # "caption" is one caption or a list of them; _check_rows refuses any that is not text
 
 
 def _flickr8k(path, text):
@@ -82,20 +86,70 @@ def _csv(path, text):
     rows = csv.reader(io.StringIO(text))  # the csv module handles quoted captions with commas and "" quotes
     header = [h.strip().lower() for h in next(rows)]
     col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
-    grouped = {}  # image -> [captions, split], in first-seen order
+    grouped = {}  # (image, split) -> captions, in first-seen order
     for n, row in enumerate(rows, 2):
         if row:
             if len(row) != len(header):
                 raise ValueError(f"{path}, row {n}: {len(row)} fields, the header has {len(header)} (unquoted comma?)")
-            entry = grouped.setdefault(row[col["image"]].strip(), [[], row[col["split"]] if "split" in col else None])
-            entry[0].append(row[col["caption"]].strip())
-    return [(image, caps, split) for image, (caps, split) in grouped.items()]
+            image, split = row[col["image"]].strip(), row[col["split"]] if "split" in col else None
+            grouped.setdefault((image, split), []).append(row[col["caption"]].strip())  # two splits: refused later
+    return [(image, caps, split) for (image, split), caps in grouped.items()]
+
+
+def _read_text(path):
+    """The caption file's text, or one clear error for a folder, a missing file or a binary file."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".json", ".txt", ".csv"))
+        raise ValueError(f"{path} is a directory: pass the caption file (a .json, .txt or .csv file; "
+                         + (f"in this folder: {', '.join(inside[:5])})" if inside else "there is none in this folder)"))
+    if not path.exists():
+        raise FileNotFoundError(f"caption file {path} not found")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # utf-8-sig: drops the byte-order mark that spreadsheets write
+    except UnicodeDecodeError as e:  # an image or an archive passed by mistake, or a file saved in another encoding
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): pass the caption file, saved as UTF-8") from None
+
+
+def _check_rows(path, rows):
+    """Every entry needs an image name and at least one caption, all text: name the first entry that has not.
+    An image without a caption can be neither trained on nor retrieved."""
+    for n, (image, captions, _) in enumerate(rows, 1):
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"{path}, entry {n}: the image name is {image!r:.60}: give every entry its image's path")
+        if not captions:
+            raise ValueError(f"{path}: image {image!r} has no captions: add at least one, or remove the entry")
+        for caption in captions:
+            if not isinstance(caption, str):
+                raise ValueError(f"{path}: image {image!r} has the caption {caption!r:.60}, which is not text: "
+                                 "write each caption as a string in quotes")
+
+
+def _merge_duplicates(path, rows):
+    """One row per image, in first-seen order. An image listed twice would count as two images in retrieval (each
+    copy's captions miss the other copy), so its captions are merged, in file order, with one warning line."""
+    merged = {}  # image -> [captions, split]
+    for image, captions, split in rows:
+        if image not in merged:
+            merged[image] = [list(captions), split]
+        elif merged[image][1] != split:
+            raise ValueError(f"{path}: image {image!r} is listed in split {merged[image][1]!r} and in split {split!r} "
+                             "(a test image seen in training inflates recall): keep it in one split")
+        else:
+            merged[image][0].extend(captions)
+    if len(merged) < len(rows):
+        repeated = [image for image, n in Counter(image for image, *_ in rows).items() if n > 1]
+        warnings.warn(f"{path}: {len(repeated)} image{' is' if len(repeated) == 1 else 's are'} listed more than once "
+                      f"({', '.join(repeated[:5])}{', ...' if len(repeated) > 5 else ''}): each now has one entry "
+                      "with all its captions, in file order")
+    return [(image, captions, split) for image, (captions, split) in merged.items()]
 
 
 def read_captions(path, split=None):
-    """Read a caption file -> [Record(image, captions)], all images or those of one split (train/val/test)."""
+    """Read a caption file -> [Record(image, captions)], all images or those of one split (train/val/test).
+    One Record per image (an image listed twice is merged, with a warning); an entry without captions, or with a
+    caption that is not text, is refused with its name."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: drops the byte-order mark that spreadsheets write
+    text = _read_text(path)
     first_line = text.lstrip().split("\n", 1)[0].strip()
     try:
         if first_line[:1] in ("{", "["):
@@ -114,28 +168,71 @@ def read_captions(path, split=None):
             raise ValueError("unrecognised content")
     except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"Cannot read caption file {path}: {type(e).__name__}: {e}\n{FORMATS}") from e
+    _check_rows(path, rows)
     rows = [(image.replace("\\", "/"), caps, s) for image, caps, s in rows]  # Windows paths in tutorial files
+    rows = _merge_duplicates(path, rows)
     if split is None:
         return [Record(image, caps) for image, caps, _ in rows]
     available = sorted({s for *_, s in rows if s is not None})
     if not available:
         raise ValueError(f"{path} has no split information, so split={split!r} cannot be selected. Use every entry "
-                         f"({len(rows)} images: split=None, or --train-split '' / --split '' on the command line), or add a split (a 'split' field or column; for Flickr8k, "
-                         f"the Flickr_8k.{{train,dev,test}}Images.txt lists next to the file).")
+                         f"({len(rows)} images: split=None, or --train-split '' / --split '' on the command line), "
+                         "or add a split (a 'split' field or column; for Flickr8k, "
+                         "the Flickr_8k.{train,dev,test}Images.txt lists next to the file).")
     if split not in available:
         raise ValueError(f"{path} has no split {split!r}; its splits are: {', '.join(available)}")
     return [Record(image, caps) for image, caps, s in rows if s == split]
 
 
-def check_images(records, image_root):
-    """Fail before training starts if any image file is missing, naming the first few and the root used."""
+def _outside(records, root):
+    """The image paths that lead out of the image root: "../x.png", "/etc/passwd". Checked on the path's text, with
+    ".." resolved, so a symlink inside the root (a common way to share a dataset) still counts as inside."""
+    tops = [os.path.normpath(root.absolute()), str(root.resolve())]  # an absolute path in the file may name either
+    outside = []
+    for r in records:
+        path = os.path.normpath(root.absolute() / r.image)  # joining an absolute path gives that path
+        if not any(os.path.commonpath([path, top]) == top for top in tops):
+            outside.append(r.image)
+    return outside
+
+
+def _unreadable(records, root):
+    """The images whose header is not an image's (an HTML error page, an empty file): opening a file reads only its
+    header, so this is fast; a file truncated later on is found only when decoded."""
+    bad = []
+    for r in records:
+        try:
+            with Image.open(root / r.image):
+                pass
+        except Image.UnidentifiedImageError:
+            bad.append(f"{r.image} (not a recognised image format)")
+        except (OSError, SyntaxError, ValueError) as e:
+            bad.append(f"{r.image} ({type(e).__name__}: {e})")
+    return bad
+
+
+def check_images(records, image_root, open_files=False):
+    """Fail before the work starts if any image path leads outside the image root or names a missing file, or,
+    with open_files, is not an image; name the first few and the root used."""
     root = Path(image_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Image root {root.resolve()} is not a folder.")
+        raise FileNotFoundError(f"Image root {root.resolve()} is not a folder: pass the folder that the caption "
+                                "file's image paths start from.")
+    outside = _outside(records, root)
+    if outside:
+        raise ValueError(f"{len(outside)} of {len(records)} image paths lead outside the image root {root.resolve()}, "
+                         f"for example: {', '.join(outside[:5])}. A caption file's image paths must be relative to "
+                         "the image root (--images): fix them, or pass the folder they start from.")
     missing = [r.image for r in records if not (root / r.image).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(records)} images are missing under the image root "
-                                f"{root.resolve()}, for example:\n  " + "\n  ".join(missing[:5]))
+                                f"{root.resolve()}, for example: {', '.join(missing[:5])}. Check --images (the folder "
+                                "the caption file's paths start from) and the paths in the caption file.")
+    unreadable = _unreadable(records, root) if open_files else []
+    if unreadable:
+        raise ImageLoadError(f"{len(unreadable)} of {len(records)} images cannot be read under the image root "
+                             f"{root.resolve()}, for example: {', '.join(unreadable[:5])}. Replace those files, "
+                             "or remove their entries from the caption file.")
 
 
 def count_truncated(records, context_length=77):
@@ -268,7 +365,8 @@ class ShardedBatches(torch.utils.data.Sampler):
         return len(self.sampler) // (self.batch_size * self.world)
 
 
-def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu", drop_last=True, collate_fn=collate_skip_bad):
+def make_loader(dataset, batch_size, train, seed=0, workers=0, device="cpu", drop_last=True,
+                collate_fn=collate_skip_bad):
     """The DataLoader settings we use.
 
     train=True: EpochSampler order (call loader.sampler.set_epoch(epoch, start) before each epoch); by default

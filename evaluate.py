@@ -9,8 +9,8 @@ https://arxiv.org/abs/2103.00020), as computed by LAION's CLIP_benchmark (clip_b
   3) image -> text ("text retrieval"): each image queries all captions. A hit at k if ANY of its captions is
      among the k most similar captions. Averaged over images.
 Protocols: "5cap" keeps every caption of each image (5 for Flickr and COCO): the paper's numbers. "1cap" keeps only
-the first caption, as the MiniClip Flickr tutorial this project follows does (its en_val.json evaluation). Its numbers are
-not comparable: one caption instead of five costs about 20 points of image -> text R@1 (openai/CLIP issue #115).
+the first caption, as the MiniClip Flickr tutorial this project follows does (its en_val.json evaluation). Its numbers
+are not comparable: one caption instead of five costs about 20 points of image -> text R@1 (openai/CLIP issue #115).
 
 Ties. Equal scores happen for real: duplicated images, and identical captions (COCO has many "A man riding a wave
 on a surfboard."). We break them by index, lower first, so the numbers do not depend on the search library.
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import CaptionEvalDataset, make_loader
-from runtime import autocast_context, default_precision
+from data import CaptionEvalDataset, check_images, make_loader
+from runtime import autocast_context, default_precision, error_line
 from tokenizer import count_tokens, tokenize
-from transform import image_transform
+from transform import ImageLoadError, image_transform
 
 try:
     import faiss
@@ -58,11 +58,15 @@ def encode_images(model, dataset, batch_size=256, workers=2, device=None, progre
     device = _device(model, device)
     loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)  # pinned memory on CUDA
     features, order = [], []
-    for images, index in tqdm(loader, desc="encode images", disable=not progress):
-        with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
-            x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
-        features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
-        order.append(index)
+    try:
+        for images, index in tqdm(loader, desc="encode images", disable=not progress):
+            with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
+                x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
+            features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
+            order.append(index)
+    except ImageLoadError as e:  # from a worker it comes wrapped in the worker's traceback: keep the one line
+        raise ImageLoadError(f"{error_line(e)} (evaluation reads every image: replace the file, or remove its entry "
+                             "from the caption file)") from None
     assert torch.equal(torch.cat(order), torch.arange(len(dataset))), "images came back out of order"
     return torch.cat(features).numpy()
 
@@ -189,6 +193,7 @@ def evaluate_retrieval(model, records, image_root, protocol="5cap", split_name="
         raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if not records:
         raise ValueError(f"no images to evaluate in {split_name}")
+    check_images(records, image_root)  # before any encoding: paths inside the image root, no file missing
     transform = image_transform(model.config.vision.image_size)  # the eval transform: resize, centre crop
     dataset = CaptionEvalDataset(records, image_root, transform, captions_per_image=PROTOCOLS[protocol])
     context_length = model.config.text.context_length

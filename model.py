@@ -37,6 +37,12 @@ class VisionConfig:
     head_width: int = 64  # width of one attention head; heads = width // head_width
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
 
+    def __post_init__(self):  # Attention splits the width into heads = width // head_width equal parts
+        heads = self.width // self.head_width if self.head_width > 0 else 0
+        if heads < 1 or self.width % heads:
+            raise ValueError(f"vision_cfg: width {self.width} and head_width {self.head_width} give {heads} heads "
+                             "(width // head_width), which must be at least 1 and divide the width")
+
 
 @dataclass
 class TextConfig:
@@ -46,6 +52,10 @@ class TextConfig:
     heads: int = 8  # attention heads
     layers: int = 12  # residual attention blocks
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+
+    def __post_init__(self):
+        if self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"text_cfg: width {self.width} is not divisible by heads {self.heads}")
 
 
 @dataclass
@@ -58,13 +68,17 @@ class CLIPConfig:
     @classmethod
     def from_dict(cls, d, source="config"):
         """Reads the open_clip JSON layout: embed_dim, quick_gelu (optional), vision_cfg {...}, text_cfg {...}.
-        The dataclasses refuse an unknown key; that, or a missing key, becomes one ValueError naming the file."""
+        An unknown key, a bad head count (both refused by the dataclasses) or a missing key: a ValueError naming d."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object {{...}}, found {type(d).__name__}")
         rest = dict(d)
         try:
             vision, text = VisionConfig(**rest.pop("vision_cfg")), TextConfig(**rest.pop("text_cfg"))
             # what is left must be embed_dim and quick_gelu: CLIPConfig refuses any other key
             return cls(embed_dim=rest.pop("embed_dim"), vision=vision, text=text,
                        quick_gelu=bool(rest.pop("quick_gelu", False)), **rest)
+        except ValueError as e:  # a __post_init__ check
+            raise ValueError(f"{source}: {e}") from None
         except (KeyError, TypeError) as e:  # TypeError: "VisionConfig.__init__() got an unexpected keyword argument"
             problem = f"missing key {e}" if isinstance(e, KeyError) else e
             hint = " (TinyCLIP 'auto' configs describe pruned models, which are not supported)" \
@@ -79,8 +93,8 @@ class CLIPConfig:
             d = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path} (see model_configs/ for the shipped ones)")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})")
+        except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self):
@@ -288,12 +302,15 @@ def infer_config(sd, quick_gelu=False, source="state dict"):
     vw, _, patch, _ = sd["visual.conv1.weight"].shape  # (width, 3, patch, patch)
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # (1 + grid*grid, width)
     vocab, tw = sd["token_embedding.weight"].shape
-    vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
-                          patch_size=patch, head_width=64,
-                          mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
-    text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
-                      heads=tw // 64, layers=count_layers("transformer.resblocks."),
-                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
+    try:
+        vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
+                              patch_size=patch, head_width=64,
+                              mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
+        text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
+                          heads=tw // 64, layers=count_layers("transformer.resblocks."),
+                          mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
+    except ValueError as e:  # widths below 64, or not split by heads of 64: pass a config that gives the heads
+        raise CheckpointError(f"{source}: cannot infer the heads ({e}); pass a config") from None
     return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu)
 
 

@@ -7,19 +7,44 @@ logit scale per step, and the validation recall@k at each evaluation. Also the f
 """
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+from runtime import plain_warnings
+
+STEP_KEYS = ("step", "loss", "lr", "logit_scale")  # what train.py logs for every training step
+
 
 def read_metrics(path):
+    """metrics.jsonl -> (training step records, [(step, val recall)]). A run killed in the middle of writing a line
+    leaves it torn: a last line that is not JSON is skipped, with a warning. Anything else fails, naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a run's metrics.jsonl (train.py --out DIR writes one in DIR)")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     steps, evals = [], []
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                warnings.warn(f"{path}, line {n}: skipped a torn last line (the run stopped while writing it)")
+                continue
+            raise ValueError(f"{path}, line {n} is not JSON: {line[:40]!r}; plot.py reads the metrics.jsonl "
+                             "that train.py writes") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}, line {n} is not a JSON object: {line[:40]!r}")
+        if all(k in r for k in STEP_KEYS):
             steps.append(r)
-        elif "val" in r and isinstance(r["step"], int):
+        elif "val" in r and isinstance(r.get("step"), int):
             evals.append((r["step"], r["val"]))
+    if not steps:
+        raise ValueError(f"{path} has no training steps (lines with {', '.join(STEP_KEYS)}): pass the metrics.jsonl "
+                         "of a train.py run that took at least one step")
     return steps, evals
 
 
@@ -33,7 +58,7 @@ def plot_metrics(metrics_path, png_path):
     axes[0].plot(x, [r["loss"] for r in steps], lw=0.8)
     axes[0].set(title="symmetric InfoNCE loss", xlabel="step", yscale="log")
     axes[1].plot(x, [r["logit_scale"] for r in steps], label="logit scale (1/temperature)")
-    peak = max(r["lr"] for r in steps)
+    peak = max(r["lr"] for r in steps) or 1  # all zero: plot zeros rather than divide by zero
     axes[1].plot(x, [r["lr"] / peak * 100 for r in steps], label="lr (% of peak)")
     axes[1].set(title="temperature and learning rate", xlabel="step")
     axes[1].legend()
@@ -96,7 +121,17 @@ def write_reports(rows, methods, shots, out, title):
     return "\n".join(md)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
+def main(argv=None):
+    """python plot.py METRICS.jsonl OUT.png; a bad file is one line "error: ..." and exit status 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
         sys.exit("usage: python plot.py METRICS.jsonl OUT.png")
-    print(plot_metrics(sys.argv[1], sys.argv[2]))
+    plain_warnings()
+    try:
+        print(plot_metrics(*argv))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,15 @@ import torch.distributed as dist
 def pick_device(name=None, local_rank=0):
     """The device named (cuda, cuda:1, mps, cpu), else the best available: this process's GPU, Apple's MPS, the CPU."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name}: not a device (examples: cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch; use --device cpu")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

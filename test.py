@@ -20,7 +20,7 @@ import torch
 from checkpoints import load_checkpoint
 from model import CheckpointError
 from tokenizer import tokenize
-from runtime import pick_device
+from runtime import error_line, pick_device, plain_warnings
 from transform import ImageLoadError, image_transform, load_image
 
 ROOT = Path(__file__).resolve().parent
@@ -43,6 +43,9 @@ def find_tinyclip():
 def zero_shot(model, images, texts):
     """Cosine similarity of each image with each text, and the softmax over texts of logit_scale * cosine
     (CLIP's zero-shot classifier, section 3.1.2). Returns two (n_images, n_texts) tensors."""
+    if not images or not texts:
+        raise ValueError(f"no {'images' if not images else 'texts'} to compare: zero-shot needs at least one image "
+                         "(--image) and one text (--text)")
     preprocess = image_transform(model.config.vision.image_size)
     pixels = torch.stack([preprocess(im) for im in images])  # (N, 3, H, W)
     image_features = model.encode_image(pixels, normalize=True)
@@ -59,17 +62,53 @@ def print_zero_shot(names, texts, cosine, probs):
             print(f"  {texts[i]:<{width}}  cosine {cos_row[i]:+.4f}  prob {100 * prob_row[i]:6.2f}%")
 
 
+def check_output(path, flag, folder=False):
+    """Refuse, before the work, an output the results could not be written to: a file in a folder that does not
+    exist, a file name that is a folder, or a folder (made with its parents) below a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if folder:
+        existing = next(p for p in [path, *path.parents] if p.exists())  # "." or "/" at the latest
+        if not existing.is_dir():
+            raise ValueError(f"{flag} {path}: {existing} is a file, not a folder: choose another {flag}")
+    elif path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name, such as {path / 'results.json'}")
+    elif not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist: create it, or choose another {flag}")
+
+
+def existing_checkpoint(path):
+    """A checkpoint path that exists, checked before the inputs are read (load_checkpoint reads the file last)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
 def cmd_zeroshot(args):
-    model = load_checkpoint(args.checkpoint or find_tinyclip(), config=args.config, verbose=True)
+    """The checkpoint's path, images and texts are checked first: a typo fails at once, not after loading the model."""
+    checkpoint = existing_checkpoint(args.checkpoint or find_tinyclip())
+    blank = [i for i, t in enumerate(args.text, 1) if not t.strip()]
+    if blank:
+        raise ValueError(f"--text: text {blank[0]} is empty: give each text as one quoted argument, "
+                         "such as --text \"a photo of a dog\" \"a photo of a cat\"")
     images = [load_image(p) for p in args.image]
+    model = load_checkpoint(checkpoint, config=args.config, verbose=True)
     print_zero_shot(args.image, args.text, *zero_shot(model, images, args.text))
 
 
 def cmd_retrieval(args, model=None):
-    from data import read_captions
+    """Everything the evaluation reads and writes is checked first (outputs, captions and split, images, their
+    headers), then the model loads and the images are encoded."""
+    from data import check_images, read_captions
     from evaluate import evaluate_retrieval, format_results
-    model = model or load_checkpoint(args.checkpoint, config=args.config, verbose=True)
+    if model is None:
+        existing_checkpoint(args.checkpoint)
+    check_output(args.json, "--json")
+    check_output(args.save_features, "--save-features", folder=True)
     records = read_captions(args.data, args.split or None)
+    check_images(records, args.images, open_files=True)
+    model = model or load_checkpoint(args.checkpoint, config=args.config, verbose=True)
     device = pick_device()
     results = evaluate_retrieval(model.to(device), records, args.images, protocol=args.protocol,
                                  split_name=args.split or "all", batch_size=args.batch_size, workers=args.workers,
@@ -102,6 +141,7 @@ def cmd_default(args):
 def cmd_anomaly(args):
     """Zero-shot anomaly detection and segmentation (aa_clip.py): per-category image AUROC, pixel AUROC and AP."""
     from aa_clip import load, resolve_test_data, test_report
+    check_output(args.json, "--json")
     device = pick_device()
     model, adapted, saved = load(args.checkpoint, args.init, args.img_size, device)
     root, categories = resolve_test_data(args, saved)
@@ -113,7 +153,8 @@ def cmd_anomaly(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", help="the default run only: a model trained on the built-in data with another "
                                         "--out (default: out/shapes/last.pt)")
@@ -128,7 +169,8 @@ def get_args(argv=None):
     r.add_argument("--config")
     r.add_argument("--data", required=True, help="Karpathy JSON, Flickr8k.token.txt, list JSON or CSV")
     r.add_argument("--images", required=True, help="image root")
-    r.add_argument("--split", default="test", help="split to evaluate ('' for every entry, e.g. the tutorial's en_val.json)")
+    r.add_argument("--split", default="test",
+                   help="split to evaluate ('' for every entry, e.g. the tutorial's en_val.json)")
     r.add_argument("--protocol", choices=["5cap", "1cap"], default="5cap",
                    help="5cap: every caption (standard); 1cap: the first caption per image (the tutorial)")
     r.add_argument("--json", help="write the results here")
@@ -136,12 +178,15 @@ def get_args(argv=None):
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--workers", type=int, default=2)
     a = sub.add_parser("anomaly", help="anomaly detection/segmentation AUROC and AP per category (AA-CLIP, aa_clip.py)")
-    a.add_argument("--checkpoint", required=True, help="an AA-CLIP file (train.py --method aa-clip) or any CLIP checkpoint")
+    a.add_argument("--checkpoint", required=True,
+                   help="an AA-CLIP file (train.py --method aa-clip) or any CLIP checkpoint")
     a.add_argument("--init", help="the CLIP an AA-CLIP file adapts, if it moved since training")
-    a.add_argument("--data", help="MVTec-AD or VisA root (default: the AA-CLIP file's test data, else the built-in set)")
+    a.add_argument("--data",
+                   help="MVTec-AD or VisA root (default: the AA-CLIP file's test data, else the built-in set)")
     a.add_argument("--categories", nargs="+", help="default: the AA-CLIP file's test categories, else all of --data "
                                                    "(the built-in set: weave bolt)")
-    a.add_argument("--img-size", type=int, help="input size (default: the AA-CLIP file's; 2x the model's for a plain CLIP)")
+    a.add_argument("--img-size", type=int,
+                   help="input size (default: the AA-CLIP file's; 2x the model's for a plain CLIP)")
     a.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps, in patches (default: the "
                                                                "AA-CLIP file's, else 1)")
     a.add_argument("--batch-size", type=int, default=32)
@@ -153,10 +198,12 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    plain_warnings()
+    command = {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, "anomaly": cmd_anomaly, None: cmd_default}
     try:
-        {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, "anomaly": cmd_anomaly, None: cmd_default}[args.command](args)
+        command[args.command](args)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_line(e)}")  # one line, also for an error a DataLoader worker raised
 
 
 if __name__ == "__main__":

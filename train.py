@@ -26,17 +26,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint
 from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions,
                   ShardedBatches)
 from model import CheckpointError, CLIP, CLIPConfig
-from runtime import autocast_context, default_precision, equalise_batch, log_metrics, pick_device, setup_distributed
+from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
+                       StopRequest, trim_metrics)
+from runtime import (autocast_context, default_precision, equalise_batch, error_line, int_at_least, log_metrics,
+                     pick_device, plain_warnings, setup_distributed)
 from trainer import get_lr
 from transform import ImageLoadError, image_transform
 
 ROOT = Path(__file__).resolve().parent
-RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
-            "warmup", "grad_clip", "seed", "precision")  # what defines a run: --resume takes them from the checkpoint
+MAX_BAD_SHARE = 0.2  # stop when more than this share of the training images read so far cannot be decoded
 METHODS = {"aa-clip": "aa_clip.py", **{m: "adapters.py" for m in (
     "zeroshot", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "cross-modal", "uni-modal", "fd-align",
     "finetune", "coop")}}
@@ -46,30 +48,34 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
         "--method M hands the other arguments to adapters.py (few-shot methods) or aa_clip.py (aa-clip), which have "
         "their own flags: python train.py --method M --help"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "model_configs" / "MiniCLIP-S-64px.json"),
-                   help="model JSON (for --init scratch)")
+    p.add_argument("--config", default=None, help="model JSON (default for --init scratch: model_configs/"
+                   "MiniCLIP-S-64px.json; with a checkpoint it is checked against the checkpoint's shapes)")
     p.add_argument("--init", default="scratch",
                    help="'scratch', or any checkpoint load_checkpoint reads (TinyCLIP .pt, HF dir, ...)")
     p.add_argument("--data", default=None,
                    help="caption file (Karpathy JSON, Flickr8k.token.txt, list JSON, CSV); default: built-in Shapes")
     p.add_argument("--images", default=None, help="image root of --data")
     p.add_argument("--train-split", default="train", help="split trained on ('' for every entry of --data)")
-    p.add_argument("--val-split", default="val", help="split for --eval-every ('' to skip)")
-    p.add_argument("--test-split", default="test", help="split evaluated once at the end ('' to skip)")
+    p.add_argument("--val-split", default=None, help="split for --eval-every ('' to skip; default: val, if present)")
+    p.add_argument("--test-split", default=None, help="split evaluated once at the end ('' to skip; default: test, "
+                   "if present)")
     p.add_argument("--out", default=str(ROOT / "out" / "shapes"), help="run directory: last.pt, metrics.jsonl, plot")
-    p.add_argument("--epochs", type=int, default=6, help="passes over the training split")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
-    p.add_argument("--batch-size", type=int, default=128, help="per process; the loss sees batch-size x processes")
+    p.add_argument("--epochs", type=int_at_least(1), default=6, help="passes over the training split")
+    p.add_argument("--max-steps", type=int_at_least(0), default=0, help="stop after this many steps (0: epochs decide)")
+    p.add_argument("--batch-size", type=int_at_least(2), default=128,
+                   help="per process, at least 2 (one pair has no negative); the loss sees batch-size x processes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only: see configure_optimizer)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    p.add_argument("--warmup", type=int_at_least(0), default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader worker processes")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
-    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (also saved at the end)")
-    p.add_argument("--eval-every", type=int, default=150, help="steps between validation recalls (0: end only)")
+    p.add_argument("--save-every", type=int_at_least(1), default=200,
+                   help="steps between checkpoints (also saved before each evaluation and at the end)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=150,
+                   help="steps between validation recalls (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--method", choices=list(METHODS), default=None, help="adapt a pretrained CLIP instead (see below)")
@@ -157,13 +163,33 @@ def resolve_data(data, images, rank, world):
     return data, images
 
 
-def train_loader(args, data, images, config, device, rank, world):
-    """The training split as a DataLoader of (images, tokens, unreadable paths) and its EpochSampler."""
-    records = read_captions(data, args.train_split or None)  # '' = every entry (files without splits)
-    check_images(records, images)
+def read_splits(args, data, images):
+    """Every split the run will read, read and checked now, before the first step, not after an hour of training:
+    the training split, and val/test for evaluation. A typed split must exist; an absent default one (val, test)
+    is skipped with a note. Returns {"train": records, "val": records or None, "test": records or None}."""
+    splits = {"train": read_captions(data, args.train_split or None)}  # '' = every entry (files without splits)
+    print(f"data: {data} [{args.train_split}]: {len(splits['train'])} images, "
+          f"{sum(len(r.captions) for r in splits['train'])} captions")
+    for name, typed in (("val", args.val_split), ("test", args.test_split)):
+        splits[name] = None
+        if typed != "":
+            try:
+                splits[name] = read_captions(data, typed or name)
+            except ValueError:
+                if typed:
+                    raise
+                print(f"note: {data} has no '{name}' split: no {name} evaluation (--{name}-split NAME picks one)")
+    for records in splits.values():
+        if records is not None:
+            check_images(records, images)
+    return splits
+
+
+def train_loader(args, records, images, config, device, rank, world):
+    """The training records as a DataLoader of (images, tokens, unreadable paths) and its EpochSampler."""
     truncated = count_truncated(records, config.text.context_length)
-    print(f"data: {data} [{args.train_split}]: {len(records)} images, {sum(len(r.captions) for r in records)} captions"
-          + (f", {truncated} longer than {config.text.context_length} tokens will be truncated" if truncated else ""))
+    if truncated:
+        print(f"note: {truncated} captions are longer than {config.text.context_length} tokens and will be truncated")
     dataset = CaptionTrainDataset(records, images, image_transform(config.vision.image_size, is_train=True),
                                   config.text.context_length, args.seed)
     sampler = EpochSampler(len(dataset), args.seed)
@@ -176,78 +202,32 @@ def train_loader(args, data, images, config, device, rank, world):
     return loader, sampler
 
 
-def evaluate(model, data, images, split, workers, device):
+def check_unreadable(bad, seen, first_bad, enough):
+    """Stops a run whose images are mostly unreadable (it would skip batch after batch), once `enough` were read."""
+    if seen >= enough and bad > MAX_BAD_SHARE * seen:
+        raise ValueError(f"{bad} of the {seen} training images read so far are unreadable (more than "
+                         f"{MAX_BAD_SHARE:.0%}), e.g. {', '.join(first_bad)}: fix or remove them")
+
+
+def evaluate(model, records, images, split, workers, device):
     """Image<->text recall on one split of the training data (evaluate.py; FAISS exact search)."""
     from evaluate import evaluate_retrieval, format_results
-    results = evaluate_retrieval(model, read_captions(data, split or None), images, protocol="5cap", split_name=split,
+    results = evaluate_retrieval(model, records, images, protocol="5cap", split_name=split,
                                  batch_size=256, workers=workers, device=device)
     print(format_results(results))
     return results
 
 
-def final_evaluation(model, args, data, images, device, out):
-    """Validation, then the test split, read once, here; results_{val,test}.json and the training plot."""
+def final_evaluation(model, splits, images, workers, device, out):
+    """Validation, then the test split, evaluated once, here; results_{val,test}.json and the training plot."""
     model.eval()
-    for split, name in ((args.val_split, "val"), (args.test_split, "test")):
-        if split:
-            results = evaluate(model, data, images, split, args.workers, device)
+    for name in ("val", "test"):
+        if splits[name] is not None:
+            results = evaluate(model, splits[name], images, name, workers, device)
             log_metrics(out, {"step": "final", name: results})
             (out / f"results_{name}.json").write_text(json.dumps(results, indent=2))
     from plot import plot_metrics
     print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_state(path, model, optimizer, scaler, step, run):
-    """Everything needed to continue exactly: weights + config (checkpoints.save_checkpoint), optimizer moments,
-    scaler, step, RNG states and the run's settings. Tensors and plain containers only (weights_only-safe)."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(path, model, step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    scheduler={"name": "cosine", "peak_lr": run["lr"], "warmup": run["warmup"],
-                               "total_steps": run["total_steps"]},
-                    rng=rng, args=run)
-
-
-def restore_state(path, model, optimizer, scaler):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"]
-
-
-def resumed_args(args, argv, ckpt_path, world):
-    """--resume continues OUT/last.pt as the same run: what defines it (data, model, schedule) comes from the
-    checkpoint; a defining flag typed on this command line with another value is reported and ignored. (To train
-    longer with another schedule, start a new run with --init OUT/last.pt instead.)"""
-    if not ckpt_path.exists():
-        raise ValueError(f"--resume: {ckpt_path} does not exist (run without --resume to start)")
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]
-    if saved.get("world", world) != world:
-        raise ValueError(f"--resume: {ckpt_path} was trained by {saved['world']} process(es), this is {world}; "
-                         "the global batch and the data order would change")
-    for key in RUN_KEYS:
-        flag = "--" + key.replace("_", "-")
-        if any(a == flag or a.startswith(flag + "=") for a in argv) and getattr(args, key) != saved[key]:
-            print(f"warning: --resume ignores {flag} {getattr(args, key)}: the run uses {saved[key]}")
-    return argparse.Namespace(**{**vars(args), **{k: saved[k] for k in RUN_KEYS}})
-
-
-def trim_metrics(path, step):
-    """A fresh run starts a new log; a resumed one drops what the interrupted run logged after its last save."""
-    if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines()] if step else []
-        kept = [r for r in records if isinstance(r["step"], int) and r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 # -----------------------------------------------------------------------------
@@ -261,92 +241,109 @@ def train(args, argv=()):
         sys.stdout = open(os.devnull, "w")
     device = pick_device(args.device, local_rank)
     out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
-    if args.resume:
-        args = resumed_args(args, argv, ckpt_path, world)
-    elif ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    lock = lock_run_dir(out) if master else None  # held until the process ends: one run per folder
+    ckpt = read_run_checkpoint(ckpt_path) if args.resume else None
+    if ckpt:
+        args = resumed_args(args, argv, ckpt["args"], world)
+    elif master and any(p.name != ".lock" for p in out.iterdir()):
+        raise ValueError(f"{out} holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}): "
+                         "pass --resume to continue it, or choose another --out")
     precision = args.precision or default_precision(device)
     ctx = autocast_context(device, precision)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    model = (CLIP(CLIPConfig.from_json(args.config)) if args.init == "scratch" else
-             load_checkpoint(args.init, verbose=True)).to(device)
+    if args.init == "scratch":
+        model = CLIP(CLIPConfig.from_json(args.config or ROOT / "model_configs" / "MiniCLIP-S-64px.json"))
+    else:  # a --config given with a checkpoint is checked against the checkpoint's shapes
+        model = load_checkpoint(args.init, config=args.config, verbose=True)
+    model.to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)
-    loader, sampler = train_loader(args, data, images, model.config, device, rank, world)
+    splits = read_splits(args, data, images)
+    loader, sampler = train_loader(args, splits["train"], images, model.config, device, rank, world)
     steps_per_epoch = len(loader)  # read before set_epoch(start=...), which shortens the epoch being resumed
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     optimizer = configure_optimizer(model, args.lr, args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = restore_state(ckpt_path, model, optimizer, scaler) if args.resume else 0
+    step = restore_state(ckpt, model, optimizer, scaler) if ckpt else 0
     ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None)
     run = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    run.update(data=data, images=images, precision=precision, total_steps=total_steps, world=world)
+    run.update(data=data, images=images, precision=precision, total_steps=total_steps, world=world,
+               data_sha256=file_digest(data))
     if master:
-        out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / "metrics.jsonl", step)
     print(f"training: {total_steps} steps ({steps_per_epoch} per epoch), global batch {args.batch_size * world}"
           + (f", resuming at step {step}" if step else ""))
 
-    t_start, bad_images, non_finite = time.time(), 0, 0
+    t_start, seen, bad_images, first_bad, non_finite = time.time(), 0, 0, [], 0
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        # a resumed run restarts part-way through its epoch: the sampler skips the batches already used
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size * world)
-        model.train()
-        t_data = time.time()
-        for batch_images, tokens, bad in loader:
-            if bad:
-                bad_images += len(bad)
-                tqdm.write(f"warning: skipped {len(bad)} unreadable image(s), {bad_images} so far: {bad[0]}")
-            batch_images, tokens = equalise_batch(batch_images.to(device, non_blocking=True),
-                                                  tokens.to(device, non_blocking=True), world)
-            if batch_images.shape[0] < 2:  # (nearly) every image of the batch was unreadable: no pairs to contrast
-                continue  # equalise_batch made the size equal on every process, so all of them skip together
-            t_step = time.time()
-            lr = get_lr(step, args.lr, args.warmup, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip)
-            step += 1
-            if grad_norm is None:  # a non-finite step was skipped; five in a row stop the run
-                non_finite += 1
-                tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({non_finite} in a row)")
-                if non_finite >= 5:
-                    if master:
-                        save_state(ckpt_path, model, optimizer, scaler, step - 1, run)
-                    raise ValueError(f"{non_finite} non-finite losses in a row: stopping (weights before them are in "
-                                     f"{ckpt_path}); try a lower --lr or --precision fp32/bf16")
-            else:
-                non_finite = 0
-            t_end = time.time()
-            if master:
-                sps, scale = batch_images.shape[0] * world / (t_end - t_data), model.logit_scale.exp().item()
-                log_metrics(out, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                  "logit_scale": scale, "bad_images": bad_images, "samples_per_s": sps,
-                                  "data_wait": (t_step - t_data) / (t_end - t_data)})
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{sps:.0f}")
-                bar.update(1)
-                if step % args.save_every == 0 or step == total_steps:
-                    save_state(ckpt_path, model, optimizer, scaler, step, run)
-                if args.eval_every and step % args.eval_every == 0 and args.val_split:
-                    val = evaluate(model, data, images, args.val_split, args.workers, device)
-                    log_metrics(out, {"step": step, "val": val})
-                    model.train()
-            if world > 1 and args.eval_every and step % args.eval_every == 0:
-                dist.barrier()  # the others wait while rank 0 evaluates (no collectives inside evaluation)
-            if step >= total_steps:
-                break
+    with StopRequest() as stop:
+        while step < total_steps:
+            epoch, epoch_start = step // steps_per_epoch, step
+            # a resumed run restarts part-way through its epoch: the sampler skips the batches already used
+            sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size * world)
+            model.train()
             t_data = time.time()
+            for batch_images, tokens, bad in loader:
+                seen += batch_images.shape[0] + len(bad)
+                if bad:
+                    bad_images, first_bad = bad_images + len(bad), (first_bad + bad)[:3]
+                    tqdm.write(f"warning: skipped {len(bad)} unreadable image(s), {bad_images} so far: {bad[0]}")
+                    check_unreadable(bad_images, seen, first_bad, 4 * args.batch_size * world)
+                batch_images, tokens = equalise_batch(batch_images.to(device, non_blocking=True),
+                                                      tokens.to(device, non_blocking=True), world)
+                if batch_images.shape[0] < 2:  # (nearly) every image of the batch was unreadable: no pairs to contrast
+                    continue  # equalise_batch made the size equal on every process, so all of them skip together
+                t_step = time.time()
+                lr = get_lr(step, args.lr, args.warmup, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip)
+                step += 1
+                if grad_norm is None:  # a non-finite step was skipped; five in a row stop the run
+                    non_finite += 1
+                    tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({non_finite} in a row)")
+                    if non_finite >= 5:
+                        if master:
+                            save_state(ckpt_path, model, optimizer, scaler, step - 1, run)
+                        raise ValueError(f"{non_finite} non-finite losses in a row: stopping (weights before them "
+                                         f"are in {ckpt_path}); try a lower --lr or --precision fp32/bf16")
+                else:
+                    non_finite = 0
+                t_end = time.time()
+                evaluate_now = args.eval_every and step % args.eval_every == 0 and splits["val"] is not None
+                if master:
+                    sps, scale = batch_images.shape[0] * world / (t_end - t_data), model.logit_scale.exp().item()
+                    log_metrics(out, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                      "logit_scale": scale, "bad_images": bad_images, "samples_per_s": sps,
+                                      "data_wait": (t_step - t_data) / (t_end - t_data)})
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{sps:.0f}")
+                    bar.update(1)
+                    if step % args.save_every == 0 or step == total_steps or evaluate_now or stop.requested:
+                        save_state(ckpt_path, model, optimizer, scaler, step, run)  # saved before evaluating
+                    if evaluate_now:
+                        log_metrics(out, {"step": step, "val": evaluate(model, splits["val"], images, "val",
+                                                                         args.workers, device)})
+                        model.train()
+                if stop.requested:
+                    sys.exit(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+                if world > 1 and args.eval_every and step % args.eval_every == 0:
+                    dist.barrier()  # the others wait while rank 0 evaluates (no collectives inside evaluation)
+                if step >= total_steps:
+                    break
+                t_data = time.time()
+            if step == epoch_start:  # an epoch without a single usable batch would repeat forever
+                raise ValueError(f"epoch {epoch} had no usable batch ({bad_images} unreadable images, e.g. "
+                                 f"{', '.join(first_bad) or 'none'}): check the images under {images}")
     bar.close()
     print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
 
     if master:
-        final_evaluation(model, args, data, images, device, out)
+        final_evaluation(model, splits, images, args.workers, device, out)
+        lock.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -364,11 +361,14 @@ def main(argv=None):
     if known.method:
         import adapters
         return adapters.main(["--method", known.method] + rest)
+    plain_warnings()
     args = get_args(argv)
     try:
-        train(args, argv)
+        return train(args, argv)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")  # bad input: one readable line naming the file or argument, no traceback
+        message = error_line(e)
+    sys.exit(f"error: {message}")  # bad input: one readable line naming the file or flag (outside the except block,
+    # so the failed run's frames, and its lock on --out, are released before the exit)
 
 
 if __name__ == "__main__":
