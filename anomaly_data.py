@@ -322,7 +322,8 @@ class AnomalyDataset(Dataset):
     def __init__(self, items, image_size, augment=None):
         self.items, self.image_size, self.augment = list(items), image_size, augment
         square = (image_size, image_size)
-        self.transform = Compose([Resize(square, InterpolationMode.BICUBIC), ToTensor(), Normalize(OPENAI_MEAN, OPENAI_STD)])
+        self.transform = Compose([Resize(square, InterpolationMode.BICUBIC), ToTensor(),
+                                  Normalize(OPENAI_MEAN, OPENAI_STD)])
         self.mask_transform = Resize(square, InterpolationMode.NEAREST)
 
     def __len__(self):
@@ -391,7 +392,8 @@ def split_train_val(root, categories, val_fraction, shots, seed):
             k = round(val_fraction * len(group))
             if k == 0:
                 raise ValueError(f"category {c!r} of {root}: --val-fraction {val_fraction} of its {len(group)} "
-                                 f"{'defective' if label else 'good'} test images holds out none; validation needs both kinds")
+                                 f"{'defective' if label else 'good'} test images holds out none; "
+                                 "validation needs both kinds")
             held += rng.sample(group, k)
         held_set = set(held)
         pool = [it for it in read_items(root, c, "train") + test if it not in held_set]
@@ -405,7 +407,8 @@ def split_train_val(root, categories, val_fraction, shots, seed):
 def augmentation(colour):
     """AA-CLIP's training augmentation: rotation +-30 degrees, translation 15 %, flips (the same for the image and
     its mask); colour jitter (image only) in the image stage."""
-    geometry = v2.Compose([v2.RandomAffine(degrees=30, translate=(0.15, 0.15), interpolation=v2.InterpolationMode.BILINEAR),
+    geometry = v2.Compose([v2.RandomAffine(degrees=30, translate=(0.15, 0.15),
+                                           interpolation=v2.InterpolationMode.BILINEAR),
                            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
     jitter = v2.ColorJitter(0.2, 0.2, 0.2) if colour else None
 
@@ -436,7 +439,8 @@ def loader(pairs, categories, size, batch_size, workers, augment=None, seed=0, d
     shuffled order, a function of (seed, epoch), every image, the default collate; call
     loader.sampler.set_epoch(epoch) before each epoch."""
     dataset = CategoryDataset(pairs, categories, size, augment, seed)
-    return make_loader(dataset, batch_size, augment is not None, seed, workers, device, drop_last=False, collate_fn=None)
+    return make_loader(dataset, batch_size, augment is not None, seed, workers, device, drop_last=False,
+                       collate_fn=None)
 
 # ----------------------------------------------------------------------------------------------------------
 # Previews, anomaly-map overlays and the command line

@@ -7,9 +7,10 @@ Speed benchmarks (not tests): is our readable code also fast? Three sections, ea
     python bench.py all --threads 2 --repeats 7
 
 Timing: warm-up runs first, then the median of --repeats timed runs; the two implementations alternate (which one
-goes first also alternates), so a noisy neighbour slows both alike. open_clip (https://github.com/mlfoundations/open_clip)
-is the reference implementation and only needed here and in the tests; the tutorial is the MiniClip Flickr tutorial
-(its test_on_flickr loop and IndexFlatL2 search, rewritten in tutorial_features / tutorial_search below).
+goes first also alternates), so a noisy neighbour slows both alike. open_clip
+(https://github.com/mlfoundations/open_clip) is the reference implementation, needed only here and in the tests; the
+tutorial is the MiniClip Flickr tutorial (its test_on_flickr loop and IndexFlatL2 search, rewritten in
+tutorial_features / tutorial_search below).
 """
 import argparse
 import json
@@ -30,7 +31,8 @@ from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent
 CAPTIONS = [f"A {size} {colour} {shape} on a plain background, photo number {i}."
-            for i, (size, colour, shape) in enumerate(zip(["small", "large"] * 16, ["red", "blue", "green", "white"] * 8,
+            for i, (size, colour, shape) in enumerate(zip(["small", "large"] * 16,
+                                                          ["red", "blue", "green", "white"] * 8,
                                                           ["circle", "star", "heart", "cross"] * 8))]  # 32 captions
 
 
@@ -107,7 +109,8 @@ def tutorial_features(model, records, image_root, grad):
     with torch.set_grad_enabled(grad):
         for record in records:
             image = Image.open(Path(image_root) / record.image).convert("RGB")
-            val_processor = image_transform(model.config.vision.image_size, is_train=False)  # rebuilt per image, as there
+            # rebuilt per image, as there
+            val_processor = image_transform(model.config.vision.image_size, is_train=False)
             image_features.append(model.encode_image(val_processor(image).unsqueeze(0), normalize=True)
                                   .detach().cpu().numpy()[0])
             for caption in record.captions:
@@ -126,7 +129,8 @@ def tutorial_search(image_features, text_features, caption_image, k=10):
         index = faiss.IndexFlatL2(database.shape[1])
         index.add(database)
         found = [label_db[index.search(np.array([q]), k)[1][0]] for q in queries]
-        hits[direction] = {f"R@{n}": float(np.mean([label in f[:n] for label, f in zip(label_q, found)])) for n in (1, 5, 10)}
+        hits[direction] = {f"R@{n}": float(np.mean([label in f[:n] for label, f in zip(label_q, found)]))
+                           for n in (1, 5, 10)}
     return hits
 
 
@@ -188,7 +192,8 @@ def bench_train(args, batch=32):
             steps[key] = step
         t = time_pair(steps, args.repeats)
         print(f"{name}: first-step loss ours {losses['ours']:.6f}, open_clip {losses['open_clip']:.6f}")
-        rows.append([name, f"{batch / t['ours']:.1f}", f"{batch / t['open_clip']:.1f}", f"{t['open_clip'] / t['ours']:.2f}x"])
+        rows.append([name, f"{batch / t['ours']:.1f}", f"{batch / t['open_clip']:.1f}",
+                     f"{t['open_clip'] / t['ours']:.2f}x"])
     print_table(["config", "ours samples/s", "open_clip samples/s", "ours/ref speed"], rows)
 
 
@@ -208,7 +213,8 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores | Python {sys.version.split()[0]} | torch {torch.__version__} "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores | Python {sys.version.split()[0]} "
+          f"| torch {torch.__version__} "
           f"| threads {torch.get_num_threads()} | repeats {args.repeats}")
     sections = {"model": bench_model, "retrieval": bench_retrieval, "train": bench_train}
     for name, fn in sections.items():

@@ -1,7 +1,8 @@
 """
-A training run's folder (OUT/ of train.py), kept safe: one run at a time holds it (a lock); the checkpoint holds everything needed to continue exactly
-and the one it replaced is kept; --resume reads it back (falling back to the previous one if it is damaged) and takes
-the run's settings from it; the metrics log is trimmed to the last save; Ctrl-C saves before stopping.
+A training run's folder (OUT/ of train.py), kept safe: one run at a time holds it (a lock); the checkpoint holds
+everything needed to continue exactly, and the one it replaced is kept; --resume reads it back (falling back to the
+previous one if it is damaged) and takes the run's settings from it; the metrics log is trimmed to the last save;
+Ctrl-C saves before stopping.
 
 The checkpoint is nanoGPT's (model, optimizer, model config, step, run config; karpathy/nanoGPT train.py), plus the
 RNG states and the data order position, so that a resumed run is bit-identical to an uninterrupted one.

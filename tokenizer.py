@@ -55,7 +55,8 @@ def bytes_to_unicode():
     a merge), so they are shifted to chr(256 + n) in order: 0x00 -> 'Ā', ..., 0x20 (space) -> 'Ġ'.
     Example: "€" is the bytes E2 82 AC, which become the three symbols 'â', 'Ĥ', '¬'.
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]  # the order matters: it fixes ids 0..255 ("!" = 0, ..., then the shifted bytes)
     n = 0
     for b in range(256):

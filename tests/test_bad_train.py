@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import run_state
 import train
 from oracles import ROOT
 
@@ -214,6 +213,7 @@ def test_torn_metrics_line_does_not_block_resume(data, tmp_path):
 
 
 def test_resume_keeps_save_every_and_notices_an_edited_caption_file(data, tmp_path):
+    import run_state
     out = tmp_path / "run"
     train.main(argv(data, out, "--val-split", "", "--test-split", "", "--save-every", "3", steps=4))
     saved = torch.load(out / "last.pt", weights_only=True)["args"]
