@@ -28,7 +28,9 @@ Where we depart from the reference code (github.com/Mwxinnn/AA-CLIP, train.py an
     dual path of CLIP Surgery / AnomalyCLIP's DPAM: the ordinary path is untouched, the V-V path adds attention
     outputs only (no MLP);
   - the checkpoint of each stage is chosen on held-out images of the TRAINING categories, never on test;
-  - the anomaly map is smoothed on the patch grid (sigma in patches), so it does not depend on the input size.
+  - the anomaly map's Gaussian blur on the patch grid (calculate_similarity_map in forward_utils.py blurs the grid
+    before upsampling too, with kornia's gaussian_blur2d) pads the border by replication, not kornia's default
+    reflection, and takes ceil(3 sigma) taps each side (the reference: 7 taps at sigma 1, 9 at sigma 1.5).
 Defaults are scaled to small models (see get_args); the article's values are in each flag's help.
 """
 import argparse

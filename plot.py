@@ -109,7 +109,8 @@ def write_reports(rows, methods, shots, out, title):
     for m in methods:
         ks = [k for k in shots if (m, k) in table]
         mean, std = torch.tensor([table[m, k][0] for k in ks]), torch.tensor([table[m, k][1] for k in ks])
-        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m == "zeroshot" else "-")
+        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m == "zeroshot" else "-",
+                    color=plt.cm.tab20(methods.index(m) % 20))  # the default cycle has 10 colours
     ax.set(xscale="log", xlabel="shots per class", ylabel="test accuracy (%)")
     ax.set_title(title.replace(", mean", "\nmean"), fontsize=9)
     ax.set_xticks(shots, [str(k) for k in shots])

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from adapters import METHODS as FEW_SHOT_METHODS
 from checkpoints import load_checkpoint
 from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions,
                   ShardedBatches)
@@ -39,9 +40,7 @@ from transform import ImageLoadError, image_transform
 
 ROOT = Path(__file__).resolve().parent
 MAX_BAD_SHARE = 0.2  # stop when more than this share of the training images read so far cannot be decoded
-METHODS = {"aa-clip": "aa_clip.py", **{m: "adapters.py" for m in (
-    "zeroshot", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "cross-modal", "uni-modal", "fd-align",
-    "finetune", "coop")}}
+METHODS = ["aa-clip"] + FEW_SHOT_METHODS  # --method M: aa_clip.py's or adapters.py's, with the other arguments
 
 
 def get_args(argv=None):
@@ -78,7 +77,7 @@ def get_args(argv=None):
                    help="steps between validation recalls (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--method", choices=list(METHODS), default=None, help="adapt a pretrained CLIP instead (see below)")
+    p.add_argument("--method", choices=METHODS, default=None, help="adapt a pretrained CLIP instead (see below)")
     return p.parse_args(argv)
 
 
@@ -353,7 +352,7 @@ def main(argv=None):
     """python train.py trains CLIP; python train.py --method M ... runs adapters.py or aa_clip.py with the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     method = argparse.ArgumentParser(add_help=False)
-    method.add_argument("--method", choices=list(METHODS))
+    method.add_argument("--method", choices=METHODS)
     known, rest = method.parse_known_args(argv)
     if known.method == "aa-clip":
         import aa_clip
