@@ -21,11 +21,6 @@ def get_lr(step, peak, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * peak
 
 
-def cosine_schedule(optimizer, total_steps):
-    """get_lr without warmup as a scheduler: the optimiser's lr is the peak, stepped once per optimisation step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: get_lr(step, 1.0, 0, total_steps))
-
-
 def snapshot(modules):
     return copy.deepcopy([m.state_dict() for m in modules])
 
