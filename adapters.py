@@ -314,7 +314,7 @@ def train(modules, loss_fn, n, fit, validate, name):
     best_epoch, best_score, history = train_and_select(
         modules, optimizer, scheduler, lambda epoch: torch.randperm(n, generator=order).split(batch), loss_fn, validate,
         fit.epochs, fit.patience, on_epoch=log)
-    return {"best_epoch": best_epoch, "val_acc": best_score[0], "epochs_run": len(history)}
+    return {"best_epoch": best_epoch, "best_epoch_val_acc": best_score[0], "epochs_run": len(history)}
 
 
 def feature_loss(task, head, seed, with_text=False):
@@ -378,7 +378,7 @@ def linear_probe(task):
     print(f"linear-probe: C {c:.3g} chosen on val (val acc {val_acc:.4f})")
     head = nn.Linear(x.shape[1], n_cls)
     head.weight.data, head.bias.data = (t.float() for t in logistic_regression(x, y, n_cls, c))
-    return task.on_features(lambda f: head(f).detach()), {"C": c, "val_acc": val_acc}, {"head": head}
+    return task.on_features(lambda f: head(f).detach()), {"C": c}, {"head": head}
 
 
 def clip_adapter(task, ratios, reduction, side, fit):
@@ -549,8 +549,7 @@ def run(args, bank):
     with torch.no_grad():
         results = {"method": args.method, "shots": args.shots, "seed": args.seed, "init": args.init, "data": args.data,
                    "train_acc_zeroshot": zs_train, "train_acc": accuracy(logits_fn(task.train), train_labels),
-                   "val_acc": accuracy(logits_fn(task.val), task.labels(task.val)),
-                   **info}  # a trained method's info["val_acc"] (its best epoch's) replaces the one above
+                   **info, "val_acc": accuracy(logits_fn(task.val), task.labels(task.val))}  # the final model's
         test = read_test(args.data, split["classes"])  # the first and only time the test split is read
         results.update(test_acc=accuracy(logits_fn(test), task.labels(test)), test_images=len(test),
                        seconds=round(time.time() - t0, 2))
