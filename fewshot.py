@@ -138,12 +138,6 @@ def view_tensor(path, view, eval_tf, aug_tf, image=None):
     return x
 
 
-def content_key(path, view):
-    """The cache key of one view of one file: the view, the path and a hash of the file's bytes, so an image
-    overwritten with another (even within the same mtime tick, with the same size) is encoded again."""
-    return f"{view}:{path}:{hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()}"
-
-
 class FeatureBank:
     """Raw (unnormalised) image features of the frozen encoder, per (file content, view); only missing ones are
     computed. The disk file is keyed by the checkpoint (load_bank), so another checkpoint never reads these features."""
@@ -153,9 +147,17 @@ class FeatureBank:
         size = model.config.vision.image_size
         self.eval_tf, self.aug_tf = image_transform(size), augment_transform(size, min_scale)
         self.store = torch.load(cache_file, weights_only=True) if cache_file and Path(cache_file).exists() else {}
+        self.digests = {}  # path -> hash of its bytes, read once per bank (one run, or one whole benchmark)
+
+    def key(self, path, view):
+        """The cache key of one view of one file: the view, the path and a hash of the file's bytes, so an image
+        overwritten with another (even within the same mtime tick, with the same size) is encoded again."""
+        if path not in self.digests:
+            self.digests[path] = hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
+        return f"{view}:{path}:{self.digests[path]}"
 
     def get(self, paths, view=0):
-        keys = [content_key(p, view) for p in paths]
+        keys = [self.key(p, view) for p in paths]
         missing = [(p, k) for p, k in zip(paths, keys) if k not in self.store]
         for i in range(0, len(missing), 128):
             chunk = missing[i:i + 128]
