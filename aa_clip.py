@@ -34,6 +34,7 @@ Where we depart from the reference code (github.com/Mwxinnn/AA-CLIP, train.py an
 Defaults are scaled to small models (see get_args); the article's values are in each flag's help.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from anomaly_metrics import auroc, average_precision, per_category_table, pixel_
 from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
 from model import CheckpointError
 from run_state import lock_run_dir
-from runtime import error_line, pick_device, plain_warnings
+from runtime import autocast_context, error_line, pick_device, plain_warnings, precision_line, PRECISIONS
 from tokenizer import tokenize
 from trainer import train_and_select
 from transform import ImageLoadError
@@ -136,12 +137,23 @@ def vv_attention(attn, x):
     return attn.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
-class AACLIP(nn.Module):
-    """A frozen CLIP with AA-CLIP's text adapter (stage 1) and image adapter (stage 2)."""
+def in_precision(method):
+    """Runs a feature method under autocast at the model's precision (bf16 where the hardware has it) and returns
+    its tensors in fp32, so the maps, losses and metrics are computed in fp32."""
+    def run(self, x):
+        with autocast_context(x.device, self.precision):
+            out = method(self, x)
+        return out.float() if torch.is_tensor(out) else ([t.float() for t in out[0]], out[1].float())
+    return functools.wraps(method)(run)
 
-    def __init__(self, clip, cfg: AAConfig):
+
+class AACLIP(nn.Module):
+    """A frozen CLIP with AA-CLIP's text adapter (stage 1) and image adapter (stage 2). precision: the autocast
+    dtype of its towers (runtime.PRECISIONS)."""
+
+    def __init__(self, clip, cfg: AAConfig, precision="fp32"):
         super().__init__()
-        self.clip, self.cfg = clip.eval().requires_grad_(False), cfg
+        self.clip, self.cfg, self.precision = clip.eval().requires_grad_(False), cfg, precision
         tw, vw, D = clip.config.text.width, clip.config.vision.width, clip.config.embed_dim
         self.text_adapter = nn.ModuleDict({
             "adapters": nn.ModuleList([projection(tw, tw, True) for _ in range(cfg.text_adapt_until)]),
@@ -159,6 +171,7 @@ class AACLIP(nn.Module):
         self.register_buffer("positional", resize_positional(clip.visual.positional_embedding.detach(), grid),
                              persistent=False)
 
+    @in_precision
     def encode_text(self, tokens):
         """The text tower with an adapter after each of the first text_adapt_until blocks, pooled at EOT,
         through the new projection (B, D)."""
@@ -173,6 +186,7 @@ class AACLIP(nn.Module):
         x = c.ln_final(x)[torch.arange(len(x), device=x.device), eot]  # (B, width)
         return self.text_adapter["proj"](x)
 
+    @in_precision
     def encode_image(self, images):
         """Stage 2 and inference: adapters after the first blocks; the patch tokens of each level through ln_post
         and that level's projection. Returns [(B, N, D) normalised] per level and the detection feature (B, D)."""
@@ -189,6 +203,7 @@ class AACLIP(nn.Module):
         return patches, det
 
     @torch.no_grad()
+    @in_precision
     def surgery_features(self, images):
         """Stage 1's frozen image side (also the un-adapted baseline): from block L - surgery_until_layer + 2 on,
         a second, V-V path runs beside the ordinary one (x_vv += VVAttn(ln_1(x)), no MLP). Each level's tokens
@@ -414,6 +429,8 @@ def get_args(argv=None):
     p.add_argument("--shots", "--shot", type=int, default=0, help="training images per category (0: all of them)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
     p.add_argument("--resume", action="store_true", help="continue OUT/aa_state.pt (or re-test a finished run)")
     p.add_argument("--text-epoch", type=int, default=10, help="stage 1 epochs (article: 5)")
     p.add_argument("--image-epoch", type=int, default=40,
@@ -480,12 +497,13 @@ def train_aa_clip(args):
         raise ValueError("aa-clip trains small adapters in one process: run it with python, not torchrun")
     hp = argparse.Namespace(**{**vars(args), **data_plan(args)})
     device = pick_device(hp.device)
+    precision = precision_line(device, hp.precision)
     clip = load_checkpoint(hp.init, verbose=True)
     cfg = AAConfig.for_model(clip.config, hp.img_size, hp.surgery_until_layer,
                              image_adapt_weight=hp.image_adapt_weight, text_adapt_weight=hp.text_adapt_weight,
                              relu=hp.relu)
     torch.manual_seed(hp.seed)  # the adapters' initialisation
-    model = AACLIP(clip, cfg).to(device)
+    model = AACLIP(clip, cfg, precision).to(device)
     out = Path(hp.out)
     with lock_run_dir(out):  # one run per folder: a second one is refused, naming this one's PID
         settings = {k: getattr(hp, k) for k in RESUME_KEYS}
@@ -496,6 +514,7 @@ def train_aa_clip(args):
         print(f"trained in {time.time() - t0:.0f} s")
         save(model, out / "aa_clip.pt", hp, history)
         results = {"method": "aa-clip", "init": hp.init, "data": hp.data, "seed": hp.seed, "device": str(device),
+                   "precision": precision,
                    "torch": torch.__version__, "config": asdict(cfg), "train_categories": hp.train_categories,
                    "test_categories": hp.test_categories, "train_seconds": round(time.time() - t0, 1),
                    "history": history}
@@ -571,14 +590,14 @@ def fingerprint(clip):
     return float(sum(t.detach().double().flatten()[:256].sum() for t in clip.state_dict().values()))
 
 
-def load(path, init=None, img_size=None, device="cpu"):
+def load(path, init=None, img_size=None, device="cpu", precision="fp32"):
     """An AA-CLIP file (adapted, True) or any CLIP checkpoint (un-adapted, False) -> (AACLIP, adapted, saved dict)."""
     saved = None
     if Path(path).is_file() and Path(path).suffix in (".pt", ".pth") and not is_torchscript(path):
         saved = torch_load(path)
     if not (isinstance(saved, dict) and saved.get("format") == FORMAT):
         clip = load_checkpoint(path, verbose=True)
-        return AACLIP(clip, AAConfig.for_model(clip.config, img_size)).to(device), False, {}
+        return AACLIP(clip, AAConfig.for_model(clip.config, img_size), precision).to(device), False, {}
     base = init or saved["init"]
     if not Path(base).exists():
         raise FileNotFoundError(f"{path} adapts the CLIP {base}, which is not there: pass --init PATH to it")
@@ -589,7 +608,7 @@ def load(path, init=None, img_size=None, device="cpu"):
     cfg = AAConfig(**saved["aa_config"])
     if img_size and img_size != cfg.img_size:
         cfg = AAConfig(**dict(saved["aa_config"], img_size=AAConfig.for_model(clip.config, img_size).img_size))
-    model = AACLIP(clip, cfg)
+    model = AACLIP(clip, cfg, precision)
     model.text_adapter.load_state_dict(saved["text_adapter"])
     model.image_adapter.load_state_dict(saved["image_adapter"])
     return model.to(device), True, saved

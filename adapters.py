@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from fewshot import (build_task, data_root, encode_items, load_bank, make_few_shot, read_test, task_templates,
                      template_features)
 from plot import write_reports
-from runtime import autocast_context, default_precision, error_line, log_metrics, pick_device, plain_warnings
+from runtime import error_line, log_metrics, pick_device, plain_warnings, precision_line, PRECISIONS
 from templates import get_templates
 from tokenizer import count_tokens, tokenize
 from trainer import get_lr, train_and_select
@@ -605,8 +605,8 @@ def add_method_args(parser):
     g.add_argument("--aug-min-scale", type=float, default=0.5, help="RandomResizedCrop lower scale (Tip-Adapter: 0.5)")
     g.add_argument("--feature-cache", default=str(ROOT / "out" / "adapters" / "features"), help="feature cache folder")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
     return parser
 
 
@@ -658,8 +658,7 @@ def benchmark(args):
     plot.write_reports' table.md, results.csv and accuracy_vs_shots.png."""
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    bank = load_bank(args.init, device, autocast_context(device, args.precision or default_precision(device)),
-                     args.feature_cache, args.aug_min_scale)
+    bank = load_bank(args.init, device, precision_line(device, args.precision), args.feature_cache, args.aug_min_scale)
     rows, t0 = [], time.time()
     for k in args.shots:
         for seed in args.seeds:
@@ -688,8 +687,8 @@ def main(argv=None):
             return benchmark(parse_args(argv[1:], benchmark=True))
         args = parse_args(argv)
         device = pick_device(args.device)
-        ctx = autocast_context(device, args.precision or default_precision(device))
-        return run(args, load_bank(args.init, device, ctx, args.feature_cache, args.aug_min_scale))
+        precision = precision_line(device, args.precision)
+        return run(args, load_bank(args.init, device, precision, args.feature_cache, args.aug_min_scale))
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and ImageLoadError are ValueErrors
         message = error_line(e)
     sys.exit(f"error: {message}")

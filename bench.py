@@ -1,25 +1,41 @@
 """
-Speed benchmarks (not tests): is our readable code also fast? Three sections, each runnable alone:
+Speed benchmarks (not tests): is our readable code also fast, and how close to this machine's peak does it run?
+Five sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
 
-    python bench.py model      # encode_image / encode_text: model.py vs open_clip, same weights, CPU fp32
-    python bench.py retrieval  # evaluate.py (batched) vs the MiniClip tutorial's one-at-a-time loop + IndexFlatL2
-    python bench.py train      # one optimisation step (forward, clip_loss, backward, AdamW): model.py vs open_clip
-    python bench.py all --threads 2 --repeats 7
+    peak       this machine's matmul rate, 2048x2048 @ 2048x2048, in GFLOP/s for each precision (the "peak" below)
+    model      encode_image / encode_text, model.py vs open_clip with the same weights under the same autocast:
+               items/s of both, ours/ref speed as median [min-max] over the paired runs, the fraction of peak
+               each reaches (model FLOP/s / matmul GFLOP/s at that precision), and ours bf16 vs fp32
+    train      one optimisation step (forward, clip_loss, backward, AdamW): the same columns, in samples/s
+    retrieval  the shapes test split, quiet and with one core held by another process: the MiniClip tutorial's
+               one-at-a-time loop, evaluate.py with the old setting (2 workers, 2 threads) and with its automatic
+               workers and threads (evaluate.encode_plan); seconds, and each one's time / the automatic one's
+    compile    torch.compile, measured (not adopted anywhere): encode_image and the training step of ours,
+               eager vs compiled, steps/s, the speedup, and the compile time (the first call) apart
 
-Timing: warm-up runs first, then the median of --repeats timed runs; the two implementations alternate (which one
-goes first also alternates), so a noisy neighbour slows both alike. open_clip
-(https://github.com/mlfoundations/open_clip) is the reference implementation, needed only here and in the tests; the
-tutorial is the MiniClip Flickr tutorial (its test_on_flickr loop and IndexFlatL2 search, rewritten in
+    python bench.py all --threads 2 --repeats 7               # fp32 and bf16 where the CPU has native bf16
+    python bench.py model --precision fp32 --repeats 3
+
+Timing: warm-up runs first, then --repeats timed rounds; in each round every variant runs once, in an order that
+reverses every round (ABBA...), so a noisy neighbour slows all alike, and a ratio is taken within each round. A
+median of them is reported, with [min-max]. FLOPs are counted from the configs (clip_flops: the matrix products,
+2 per multiply-add; a training step is 3x the forward), for the captions' real length: ours skips the padding
+after the last EOT, open_clip computes it, so open_clip's fraction of peak on text shows that waste.
+open_clip (https://github.com/mlfoundations/open_clip) is the reference implementation, needed only here and in the
+tests; the tutorial is the MiniClip Flickr tutorial (its test_on_flickr loop and IndexFlatL2 search, rewritten in
 tutorial_features / tutorial_search below).
 """
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +43,7 @@ import torch
 
 from checkpoints import load_checkpoint
 from model import CLIP, CLIPConfig
+from runtime import PRECISIONS, autocast_context, cpu_has_bf16, error_line, int_at_least, resolve_precision
 from tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parent
@@ -34,6 +51,11 @@ CAPTIONS = [f"A {size} {colour} {shape} on a plain background, photo number {i}.
             for i, (size, colour, shape) in enumerate(zip(["small", "large"] * 16,
                                                           ["red", "blue", "green", "white"] * 8,
                                                           ["circle", "star", "heart", "cross"] * 8))]  # 32 captions
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_RUNS = [("TinyCLIP-ViT-40M-32-Text-19M", 32), ("TinyCLIP-ViT-8M-16-Text-3M", 32)]  # (config, batch)
+TRAIN_RUNS = [("MiniCLIP-S-64px", 32), ("MiniCLIP-S-64px", 128), ("TinyCLIP-ViT-8M-16-Text-3M", 32)]
+COMPILE_RUNS = [("MiniCLIP-S-64px", "encode_image", 256), ("TinyCLIP-ViT-40M-32-Text-19M", "encode_image", 32),
+                ("MiniCLIP-S-64px", "train step", 128)]  # (config, what, batch)
 
 
 def config_dict(name):
@@ -57,13 +79,72 @@ def open_clip_pair(name):
 
 
 def random_inputs(cfg, batch):
+    """batch random images and batch captions (CAPTIONS repeated as needed), tokenized to the context length."""
     g = torch.Generator().manual_seed(0)
     size, length = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
-    return torch.randn(batch, 3, size, size, generator=g), tokenize(CAPTIONS[:batch], length)
+    return torch.randn(batch, 3, size, size, generator=g), tokenize([CAPTIONS[i % 32] for i in range(batch)], length)
+
+
+def caption_length(tokens):
+    """Positions up to the last EOT: what encode_text computes (the padding after it cannot change the result)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+# -----------------------------------------------------------------------------
+# Counting: FLOPs from a config, the machine's matmul rate, timing in alternating rounds
+
+
+def transformer_flops(width, layers, length, mlp_ratio=4.0):
+    """FLOPs (2 per multiply-add) of `layers` Transformer blocks on L = `length` tokens of D = `width`: the q/k/v
+    and output projections 2*L*D*3D + 2*L*D*D, the attention scores q k^T and the weighted sum of v, 2*L^2*D each,
+    and the MLP 2 * 2*L*D*(mlp_ratio*D). LayerNorm, softmax, GELU and the adds are left out (a few %)."""
+    hidden = int(width * mlp_ratio)
+    projections = 2 * length * width * 4 * width
+    attention = 2 * (2 * length * length * width)
+    mlp = 2 * (2 * length * width * hidden)
+    return layers * (projections + attention + mlp)
+
+
+def clip_flops(cfg, image=True, text=True, text_length=None):
+    """Forward FLOPs of one image and/or one caption through CLIP (a CLIPConfig): the patch embedding (a stride-p
+    convolution: 2 * patches * 3p^2 * D), the Transformer (transformer_flops, class token included) and the final
+    projection; the text tower at text_length tokens (default: its context length). A training step is ~3x this
+    (the backward pass computes two products for each one of the forward)."""
+    flops = 0
+    if image:
+        v = cfg.vision
+        patches = (v.image_size // v.patch_size) ** 2
+        flops += 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding
+        flops += transformer_flops(v.width, v.layers, patches + 1, v.mlp_ratio)
+        flops += 2 * v.width * cfg.embed_dim  # the class token's projection
+    if text:
+        t = cfg.text
+        flops += transformer_flops(t.width, t.layers, text_length or t.context_length, t.mlp_ratio)
+        flops += 2 * t.width * cfg.embed_dim  # the EOT token's projection
+    return flops
+
+
+_PEAK = {}  # precision -> GFLOP/s, measured once per run
+
+
+def matmul_gflops(precision, repeats=5, n=2048):
+    """This machine's rate for one large matmul (n x n @ n x n, 2 n^3 FLOPs) in that dtype, median of `repeats`:
+    the "peak" that fraction of peak divides by (it includes torch's thread setting)."""
+    if precision not in _PEAK:
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g).to(DTYPES[precision]) for _ in range(2))
+        a @ b  # warm-up
+        times = []
+        for _ in range(max(3, repeats)):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        _PEAK[precision] = 2 * n ** 3 / statistics.median(times) / 1e9
+    return _PEAK[precision]
 
 
 def time_pair(fns, repeats, warmup=2):
-    """{name: median seconds} for zero-argument functions, run alternately."""
+    """{name: [seconds of each round]} for zero-argument functions: warm-up calls, then `repeats` rounds in which
+    each function runs once, first to last in even rounds and last to first in odd ones (ABBA...)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -73,7 +154,23 @@ def time_pair(fns, repeats, warmup=2):
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratio(slow, fast):
+    """Per-round ratios slow[i] / fast[i] (speed of `fast` relative to `slow`) as 'median x [min-max]'."""
+    r = [s / f for s, f in zip(slow, fast)]
+    return f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]"
+
+
+def peak_rates(args):
+    """{precision: this machine's matmul GFLOP/s} for the precisions of this run."""
+    return {p: matmul_gflops(p, args.repeats) for p in args.precisions}
+
+
+def print_peaks(args):
+    print("% peak: model FLOP/s / the matmul rate at that precision (" +
+          ", ".join(f"{p} {gflops:.0f} GFLOP/s" for p, gflops in peak_rates(args).items()) + "; bench.py peak)")
 
 
 def print_table(headers, rows):
@@ -82,22 +179,104 @@ def print_table(headers, rows):
         print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
 
 
-def bench_model(args, batch=32):
-    print(f"\n== model: encode_image / encode_text, CPU fp32, inference_mode, batch {batch} ==")
+SPEED_HEADERS = ["config", "call", "batch", "prec", "ours /s", "open_clip /s", "ours/ref speed", "ours % peak",
+                 "ref % peak", "ours bf16/fp32"]
+
+
+def speed_rows(name, call, batch, flops, times, peaks):
+    """One table row per precision from time_pair's {(precision, "ours"|"open_clip"): [seconds]}; flops: the work
+    of one call; peaks: {precision: matmul GFLOP/s}, for the fraction of peak."""
     rows = []
-    for name in ("TinyCLIP-ViT-40M-32-Text-19M", "TinyCLIP-ViT-8M-16-Text-3M"):
+    for p in peaks:
+        ours, ref = times[p, "ours"], times[p, "open_clip"]
+        peak = peaks[p] * 1e9
+        vs_fp32 = ratio(times["fp32", "ours"], ours) if p != "fp32" and "fp32" in peaks else "-"
+        rows.append([name, call, batch, p, f"{batch / statistics.median(ours):.1f}",
+                     f"{batch / statistics.median(ref):.1f}", ratio(ref, ours),
+                     f"{flops / statistics.median(ours) / peak:.1%}", f"{flops / statistics.median(ref) / peak:.1%}",
+                     vs_fp32])
+    return rows
+
+# -----------------------------------------------------------------------------
+# Sections
+
+
+def bench_peak(args):
+    print(f"\n== peak: one 2048x2048 @ 2048x2048 matmul, median of {max(3, args.repeats)} ==")
+    rates = peak_rates(args)
+    for p, gflops in rates.items():
+        vs = f"  ({gflops / rates['fp32']:.1f}x fp32)" if p != "fp32" and "fp32" in rates else ""
+        print(f"{p:5s} {gflops:8.1f} GFLOP/s{vs}")
+
+
+def max_diff(ours, ref, images, tokens, precision):
+    """Largest |ours - open_clip| over both towers' outputs under `precision`'s autocast."""
+    with torch.inference_mode(), autocast_context("cpu", precision):
+        return max((ours.encode_image(images) - ref.encode_image(images)).abs().max().item(),
+                   (ours.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item())
+
+
+def run_under(precision, fn, x, device="cpu"):
+    """fn(x) under inference_mode and the precision's autocast."""
+    with torch.inference_mode(), autocast_context(device, precision):
+        return fn(x)
+
+
+def bench_model(args):
+    print("\n== model: encode_image / encode_text, model.py vs open_clip under the same autocast, CPU, "
+          "inference_mode ==")
+    rows = []
+    for name, batch in MODEL_RUNS:
         ours, ref = open_clip_pair(name)
+        cfg = CLIPConfig.from_dict(config_dict(name))
         images, tokens = random_inputs(config_dict(name), batch)
-        with torch.inference_mode():
-            diff = max((ours.encode_image(images) - ref.encode_image(images)).abs().max().item(),
-                       (ours.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item())
-            for tower, x in (("encode_image", images), ("encode_text", tokens)):
-                t = time_pair({"ours": lambda: getattr(ours, tower)(x), "open_clip": lambda: getattr(ref, tower)(x)},
-                              args.repeats)
-                rows.append([name, tower, f"{batch / t['ours']:.1f}", f"{batch / t['open_clip']:.1f}",
-                             f"{t['open_clip'] / t['ours']:.2f}x"])
-        print(f"{name}: same weights, max |ours - open_clip| = {diff:.1e}")
-    print_table(["config", "call", "ours items/s", "open_clip items/s", "ours/ref speed"], rows)
+        flops = {"encode_image": batch * clip_flops(cfg, text=False),
+                 "encode_text": batch * clip_flops(cfg, image=False, text_length=caption_length(tokens))}
+        for call, x in (("encode_image", images), ("encode_text", tokens)):
+            fns = {(p, key): lambda m=m, p=p: run_under(p, getattr(m, call), x)
+                   for p in args.precisions for key, m in (("ours", ours), ("open_clip", ref))}
+            rows += speed_rows(name, call, batch, flops[call], time_pair(fns, args.repeats), peak_rates(args))
+        diffs = ", ".join(f"{p} {max_diff(ours, ref, images, tokens, p):.1e}" for p in args.precisions)
+        print(f"{name}: same weights, max |ours - open_clip|: {diffs}")
+    print_table(SPEED_HEADERS, rows)
+    print_peaks(args)
+
+
+def make_train_step(model, opt, images, tokens, precision, device="cpu"):
+    """A function doing one optimisation step as train.py does: the towers under autocast, clip_loss in fp32,
+    backward, AdamW. It returns the loss."""
+    from train import clip_loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(device, precision):
+            image_features, text_features, scale = model(images, tokens)  # both models return these three
+        loss = clip_loss(image_features.float(), text_features.float(), scale.float())
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def bench_train(args):
+    print("\n== train: forward + clip_loss + backward + AdamW step, model.py vs open_clip, CPU ==")
+    rows = []
+    for name, batch in TRAIN_RUNS:
+        cfg = CLIPConfig.from_dict(config_dict(name))
+        images, tokens = random_inputs(config_dict(name), batch)
+        fns, first = {}, {}  # first: each function's first loss (ours and open_clip have had the same steps before)
+        for key, model in zip(("ours", "open_clip"), open_clip_pair(name)):
+            opt = torch.optim.AdamW(model.train().parameters(), lr=1e-5)  # one per model, for all precisions
+            for p in args.precisions:
+                step = make_train_step(model, opt, images, tokens, p)
+                fns[p, key] = lambda step=step, k=(p, key): first.setdefault(k, step())
+        times = time_pair(fns, args.repeats)
+        flops = 3 * batch * clip_flops(cfg, text_length=caption_length(tokens))
+        rows += speed_rows(name, "train step", batch, flops, times, peak_rates(args))
+        print(f"{name} batch {batch}: first loss ours / open_clip: " +
+              ", ".join(f"{p} {first[p, 'ours']:.5f} / {first[p, 'open_clip']:.5f}" for p in args.precisions))
+    print_table(SPEED_HEADERS, rows)
+    print_peaks(args)
 
 
 def tutorial_features(model, records, image_root, grad):
@@ -112,10 +291,10 @@ def tutorial_features(model, records, image_root, grad):
             # rebuilt per image, as there
             val_processor = image_transform(model.config.vision.image_size, is_train=False)
             image_features.append(model.encode_image(val_processor(image).unsqueeze(0), normalize=True)
-                                  .detach().cpu().numpy()[0])
+                                  .detach().float().cpu().numpy()[0])  # .float(): numpy has no bf16
             for caption in record.captions:
                 text_input = tokenize([caption], model.config.text.context_length)
-                text_features.append(model.encode_text(text_input, normalize=True).detach().cpu().numpy()[0])
+                text_features.append(model.encode_text(text_input, normalize=True).detach().float().cpu().numpy()[0])
     return np.stack(image_features), np.stack(text_features)
 
 
@@ -134,67 +313,141 @@ def tutorial_search(image_features, text_features, caption_image, k=10):
     return hits
 
 
+def timed(fn):
+    """(seconds, result) of fn()."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+@contextmanager
+def busy_core():
+    """Another process spinning on one core (a tight Python loop) for the duration of the block, then killed."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # started, and holding its core
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def bench_retrieval(args, subset=200):
     import synthetic
-    from data import read_captions
-    from evaluate import evaluate_retrieval, format_results
+    from data import CaptionEvalDataset, read_captions
+    from evaluate import encode_plan, evaluate_retrieval, free_cores
+    from transform import image_transform
     json_path = synthetic.ensure_shapes()
-    records, image_root = read_captions(json_path, "test"), json_path.parent / "images"
+    records, image_root = read_captions(json_path, "test")[:args.eval_images], json_path.parent / "images"
     n_images, n_captions = len(records), sum(len(r.captions) for r in records)
     print(f"\n== retrieval: shapes test, {n_images} images + {n_captions} captions, random MiniCLIP-S-64px, CPU ==")
     torch.manual_seed(0)
     model = CLIP(CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-S-64px.json")).eval()
+    evaluate_retrieval(model, records[:16], image_root, workers=0, device="cpu", progress=False)  # warm-up
+    dataset = CaptionEvalDataset(records, image_root, image_transform(model.config.vision.image_size))
+    rows, same = [], {}
+    for case, context in (("quiet", nullcontext()), ("busy", busy_core())):
+        with context:
+            workers, threads = encode_plan(None, None, dataset, "cpu")
+            free = free_cores()
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            note = " (not quiet: other processes are running)" if case == "quiet" and free < cores else ""
+            print(f"{case}: {free} free core(s) of {cores}{note}; evaluate.py's automatic choice: {workers} workers, "
+                  f"{threads} thread(s)")
+            for p in args.precisions:
+                case_rows, same[case, p] = retrieval_case(model, records, image_root, p, min(subset, n_images))
+                rows += [[case, p] + row for row in case_rows]
+    print_table(["machine", "prec", "method", "seconds", "how", "time / auto"], rows)
+    print("busy: another process spins on one core meanwhile (busy_core). The tutorial's search (IndexFlatL2, one "
+          f"query per call, both ways, {n_images + n_captions} queries) on the same features gives our R@K: "
+          + ", ".join(f"{case} {p} {'yes' if ok else 'NO'}" for (case, p), ok in same.items()))
+
+
+def retrieval_case(model, records, image_root, precision, subset):
+    """Rows [method, seconds, how, time / the automatic setting's] at one precision, and whether the tutorial's
+    search gives our R@K on the same features. The tutorial loop runs on `subset` images, extrapolated linearly."""
+    from evaluate import evaluate_retrieval
+    settings = {"evaluate.py, automatic workers and threads": dict(workers=None, threads=None),
+                "evaluate.py, 2 workers, 2 threads (old)": dict(workers=2, threads=2)}
+    seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        results = evaluate_retrieval(model, records, image_root, "5cap", "shapes test", batch_size=256, workers=2,
-                                     device="cpu", save_dir=tmp, progress=False)
-        ours = time.perf_counter() - t0
+        for label, kw in settings.items():
+            seconds[label], results = timed(lambda: evaluate_retrieval(
+                model, records, image_root, "5cap", "test", batch_size=256, device="cpu", save_dir=tmp,
+                progress=False, precision=precision, **kw))
         img, txt = np.load(Path(tmp) / "image_features.npy"), np.load(Path(tmp) / "text_features.npy")
         caption_image = np.array(json.loads((Path(tmp) / "ids.json").read_text())["caption_image"])
-    print(format_results(results))
-    # the tutorial's search, one query per call, run for real on all features (the saved ones: same values)
-    t0 = time.perf_counter()
-    hits = tutorial_search(img, txt, caption_image)
-    search = time.perf_counter() - t0
-    # the tutorial's encoding loop on the first `subset` images, extrapolated linearly (same cost per image + captions)
+    search, hits = timed(lambda: tutorial_search(img, txt, caption_image))
     sub = records[:subset]
-    how = f"{subset} img + {sum(len(r.captions) for r in sub)} capt. x{n_images / subset:.0f} + search"
-    rows = [["evaluate.py: batch 256, 2 workers, IndexFlatIP", f"{ours:.1f}", "measured", "1.0x"]]
+    how = f"{subset} img + {sum(len(r.captions) for r in sub)} capt. x{len(records) / subset:g} + search"
     for grad, label in ((True, "tutorial loop, autograd on (as written)"), (False, "tutorial loop under no_grad")):
-        t0 = time.perf_counter()
-        tutorial_features(model, sub, image_root, grad)
-        total = (time.perf_counter() - t0) * n_images / subset + search
-        rows.append([label, f"{total:.1f}", how, f"{total / ours:.1f}x"])
-    print_table(["method", "seconds", "how", "time / ours"], rows)
-    same = all(abs(hits[d][k] - results[d][k]) < 1e-9 for d in hits for k in hits[d])
-    print(f"tutorial search alone (IndexFlatL2, 1 query per call, both ways, all {n_images + n_captions} queries): "
-          f"{search:.2f} s; its R@K on the same features {'equal' if same else 'DIFFER from'} ours")
+        with autocast_context("cpu", precision):
+            t, _ = timed(lambda: tutorial_features(model, sub, image_root, grad))
+        seconds[label] = t * len(records) / subset + search
+    auto = seconds["evaluate.py, automatic workers and threads"]
+    rows = [[label, f"{t:.1f}", "measured" if label in settings else how, f"{t / auto:.1f}x"]
+            for label, t in seconds.items()]
+    return rows, all(abs(hits[d][k] - results[d][k]) < 1e-9 for d in hits for k in hits[d])
 
 
-def bench_train(args, batch=32):
-    from train import clip_loss
-    print(f"\n== train: forward + clip_loss + backward + AdamW step, CPU fp32, batch {batch} ==")
+def compile_problem():
+    """None when torch.compile works here (a tiny function compiles and runs), else one line saying why."""
+    try:
+        torch.compile(lambda x: torch.sin(x) + 1)(torch.randn(8))
+    except Exception as e:  # no C compiler, an unsupported Python, ...: whatever it is, say it in one line
+        return f"{type(e).__name__}: {error_line(e)[:200]}"
+    return None
+
+
+def compile_pair(name, what, batch, precision, device):
+    """(eager, compiled) zero-argument functions running `what` ("encode_image" or "train step") of ours with
+    fresh random weights; the compiled one compiles on its first call."""
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.from_dict(config_dict(name))).to(device)
+    images, tokens = (x.to(device) for x in random_inputs(config_dict(name), batch))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)  # wait for the GPU
+    if what == "encode_image":
+        fns = (model.eval().encode_image, torch.compile(model.encode_image))
+        return [lambda fn=fn: (run_under(precision, fn, images, device), sync()) for fn in fns]
+    pair = []
+    for m in (model, torch.compile(copy.deepcopy(model))):  # each its own weights and optimizer
+        step = make_train_step(m.train(), torch.optim.AdamW(m.parameters(), lr=1e-5), images, tokens, precision,
+                               device)
+        pair.append(lambda step=step: (step(), sync()))
+    return pair
+
+
+def bench_compile(args):
+    print("\n== compile: torch.compile (inductor) vs eager, model.py, fresh random weights ==")
+    seconds, problem = timed(compile_problem)
+    if problem:
+        print(f"torch.compile does not work here, section skipped: {problem}")
+        return
+    print(f"torch.compile works: a tiny function took {seconds:.0f} s (mostly inductor's one-time start-up)")
     rows = []
-    for name in ("MiniCLIP-S-64px", "TinyCLIP-ViT-8M-16-Text-3M"):
-        models = dict(zip(("ours", "open_clip"), open_clip_pair(name)))
-        images, tokens = random_inputs(config_dict(name), batch)
-        steps, losses = {}, {}
-        for key, model in models.items():
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for p in precisions_for(device, args.precision):
+            for name, what, batch in COMPILE_RUNS:
+                eager, compiled = compile_pair(name, what, batch, p, device)
+                try:
+                    first, _ = timed(compiled)  # compiles, then runs once
+                except Exception as e:
+                    print(f"{device} {name} {what} {p}: torch.compile failed: {type(e).__name__}: "
+                          f"{error_line(e)[:200]}")
+                    continue
+                times = time_pair({"eager": eager, "compiled": compiled}, args.repeats, warmup=1)
+                step = statistics.median(times["compiled"])
+                rows.append([device, name, what, batch, p, f"{batch / statistics.median(times['eager']):.1f}",
+                             f"{batch / step:.1f}", ratio(times["eager"], times["compiled"]), f"{first - step:.1f}"])
+    print_table(["device", "config", "call", "batch", "prec", "eager items/s", "compiled items/s", "speedup",
+                 "compile s"], rows)
 
-            def step(model=model, opt=opt, key=key):
-                opt.zero_grad(set_to_none=True)
-                loss = clip_loss(*model(images, tokens))  # both forwards return (image, text features, scale)
-                loss.backward()
-                opt.step()
-                losses.setdefault(key, loss.item())  # the first step: equal weights, so equal losses
-            steps[key] = step
-        t = time_pair(steps, args.repeats)
-        print(f"{name}: first-step loss ours {losses['ours']:.6f}, open_clip {losses['open_clip']:.6f}")
-        rows.append([name, f"{batch / t['ours']:.1f}", f"{batch / t['open_clip']:.1f}",
-                     f"{t['open_clip'] / t['ours']:.2f}x"])
-    print_table(["config", "ours samples/s", "open_clip samples/s", "ours/ref speed"], rows)
+
+def precisions_for(device, requested):
+    """The precisions to run: the one asked for, else fp32 and bf16 where the device has native bf16, else fp32."""
+    if requested is not None:
+        return [resolve_precision(device, requested)[0]]
+    return ["fp32", "bf16"] if resolve_precision(device)[0] == "bf16" else ["fp32"]
 
 
 def cpu_name():
@@ -205,19 +458,28 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def main():
+SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "retrieval": bench_retrieval,
+            "compile": bench_compile}
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", nargs="?", default="all", choices=["model", "retrieval", "train", "all"])
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
-    args = p.parse_args()
+    p.add_argument("section", nargs="?", default="all", choices=[*SECTIONS, "all"])
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int_at_least(1), default=5, help="timed rounds per measurement")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default: fp32 and bf16 where the CPU has native bf16 (runtime.cpu_has_bf16), else fp32")
+    p.add_argument("--eval-images", type=int_at_least(1), help="retrieval: the first N test images (default: all)")
+    args = p.parse_args(argv)
+    if args.precision == "fp16":
+        p.error("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")
+    args.precisions = precisions_for("cpu", args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores | Python {sys.version.split()[0]} "
-          f"| torch {torch.__version__} "
-          f"| threads {torch.get_num_threads()} | repeats {args.repeats}")
-    sections = {"model": bench_model, "retrieval": bench_retrieval, "train": bench_train}
-    for name, fn in sections.items():
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, native bf16 {'yes' if cpu_has_bf16() else 'no'} "
+          f"| Python {sys.version.split()[0]} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+          f"| repeats {args.repeats} | precisions {', '.join(args.precisions)}")
+    for name, fn in SECTIONS.items():
         if args.section in (name, "all"):
             fn(args)
 

@@ -24,15 +24,19 @@ CLIP_benchmark (https://github.com/LAION-AI/CLIP_benchmark).
 Command line: python test.py retrieval --checkpoint CKPT --data CAPTIONS --images DIR (see test.py).
 """
 import json
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from data import CaptionEvalDataset, check_images, make_loader
-from runtime import autocast_context, default_precision, error_line
+from runtime import autocast_context, error_line
 from tokenizer import count_tokens, tokenize
 from transform import ImageLoadError, image_transform
 
@@ -45,7 +49,99 @@ KS = (1, 5, 10)
 PROTOCOLS = {"5cap": None, "1cap": 1}  # protocol -> captions_per_image of CaptionEvalDataset (None = all)
 
 # -----------------------------------------------------------------------------
-# Encoding: batches through a DataLoader, no autograd, bf16 autocast on CUDA
+# Encoding: batches through a DataLoader, no autograd, autocast at the requested precision, and as many loader
+# workers and torch threads as there are cores free for them (a busy machine must not make batching slower than
+# the one-at-a-time loop)
+
+SMALL_IMAGE = 128 * 128  # pixels; up to this, decoding an image costs less than a worker's start-up and hand-over
+
+
+def free_cores(interval=0.05):
+    """How many of the cores this process may run on (os.sched_getaffinity) nobody else is using now, at least 1.
+    Linux: the idle time /proc/stat shows for those cores over `interval` seconds while we sleep, so only other
+    processes count (os.getloadavg's 1-minute average would still count our own training loop that just ended).
+    Elsewhere: all of them."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    names = {f"cpu{i}" for i in cores}
+
+    def idle_and_total():  # /proc/stat: cpuN user nice system idle iowait irq softirq steal (in ticks)
+        with open("/proc/stat") as f:
+            ticks = [[int(t) for t in line.split()[1:9]] for line in f
+                     if line.startswith("cpu") and line.split()[0] in names]
+        return sum(t[3] + t[4] for t in ticks), sum(sum(t) for t in ticks)
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(interval)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return len(cores)
+    idle_share = (idle1 - idle0) / max(1, total1 - total0)
+    return max(1, min(len(cores), round(idle_share * len(cores))))
+
+
+def first_image_pixels(dataset):
+    """Width x height of the dataset's first image, from its header only; None when it cannot be told."""
+    try:
+        with Image.open(Path(dataset.image_root) / dataset.records[0].image) as image:
+            return image.width * image.height
+    except Exception:  # not a CaptionEvalDataset, or an unreadable file (the loader then says which)
+        return None
+
+
+def loader_workers(requested, dataset, device, free):
+    """DataLoader worker processes for encoding `dataset` on `device` when `free` cores are free; `requested`
+    (e.g. --workers N) wins when it is not None. The automatic choice:
+      - small images (the first is at most 128x128, like the 64x64 Shapes PNGs): 0, decode here. One costs ~0.1 ms;
+        starting workers and sending every batch back through shared memory cost more than that.
+      - on a GPU, which does the matmuls: a core stays with this process, up to 4 workers decode on the others.
+      - on the CPU: decoding competes with the matmuls for the same cores, and a ViT forward costs more than
+        decoding its image, so only one worker per 4 free cores (none on 2 or 3)."""
+    if requested is not None:
+        return requested
+    pixels = first_image_pixels(dataset)
+    if pixels is not None and pixels <= SMALL_IMAGE:
+        return 0
+    if torch.device(device).type != "cpu":
+        return max(0, min(4, free - 1))
+    return min(4, free // 4)
+
+
+def torch_threads(requested, device, free, decoding_workers=0):
+    """torch threads for the matmuls on the CPU; `requested` wins when it is not None; None on a GPU (unchanged).
+    Automatic: the free cores less the workers that decode big images (workers of small images mostly wait), at
+    most torch's own setting (--threads or its default). More threads than free cores is the trap: a parallel
+    matmul waits at each step for its slowest thread, and a thread that shares its core with another process runs
+    at half speed, so all of them do. Measured (2 cores, one held by another process): 2 workers and 2 threads took
+    11.4 s where the one-at-a-time loop took 4.9 s."""
+    if requested is not None or torch.device(device).type != "cpu":
+        return requested
+    return max(1, min(torch.get_num_threads(), free - decoding_workers))
+
+
+def encode_plan(workers, threads, dataset, device):
+    """(workers, threads) for encoding `dataset` on `device`: the given values, None -> the automatic choice of
+    loader_workers and torch_threads (cores measured once, only when something is automatic)."""
+    device = torch.device(device)
+    if workers is not None and (threads is not None or device.type != "cpu"):
+        return workers, threads
+    free = free_cores()
+    workers = loader_workers(workers, dataset, device, free)
+    pixels = first_image_pixels(dataset)
+    decoding = workers if pixels is None or pixels > SMALL_IMAGE else 0  # workers that are busy all the time
+    return workers, torch_threads(threads, device, free, decoding)
+
+
+@contextmanager
+def num_threads(n):
+    """torch.set_num_threads(n) for the block, then back to what it was; None: unchanged."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
 
 
 def _device(model, device):
@@ -53,17 +149,21 @@ def _device(model, device):
 
 
 @torch.inference_mode()  # like no_grad, and also skips autograd's version counters
-def encode_images(model, dataset, batch_size=256, workers=2, device=None, progress=True):
-    """CaptionEvalDataset -> (n_images, embed_dim) float32 numpy array of L2-normalised image features."""
+def encode_images(model, dataset, batch_size=256, workers=None, device=None, progress=True, precision="auto",
+                  threads=None):
+    """CaptionEvalDataset -> (n_images, embed_dim) float32 numpy array of L2-normalised image features.
+    workers, threads: None chooses them for the cores free now (encode_plan); precision: runtime.PRECISIONS."""
     device = _device(model, device)
+    workers, threads = encode_plan(workers, threads, dataset, device)
     loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)  # pinned memory on CUDA
     features, order = [], []
     try:
-        for images, index in tqdm(loader, desc="encode images", disable=not progress):
-            with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
-                x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
-            features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
-            order.append(index)
+        with num_threads(threads):
+            for images, index in tqdm(loader, desc="encode images", disable=not progress):
+                with autocast_context(device, precision):  # "auto": bf16 where the hardware has it natively
+                    x = model.encode_image(images.to(device, non_blocking=True))  # (B, embed_dim)
+                features.append(F.normalize(x.float(), dim=-1).cpu())  # normalise in float32, not bf16
+                order.append(index)
     except ImageLoadError as e:  # from a worker it comes wrapped in the worker's traceback: keep the one line
         raise ImageLoadError(f"{error_line(e)} (evaluation reads every image: replace the file, or remove its entry "
                              "from the caption file)") from None
@@ -72,19 +172,23 @@ def encode_images(model, dataset, batch_size=256, workers=2, device=None, progre
 
 
 @torch.inference_mode()
-def encode_texts(model, captions, batch_size=1024, device=None, progress=True):
+def encode_texts(model, captions, batch_size=1024, device=None, progress=True, precision="auto", threads=None):
     """List of captions -> (n_captions, embed_dim) float32 numpy array of L2-normalised text features.
-    Captions longer than the context are truncated (tokenize keeps EOT, which is where the text is pooled)."""
+    Captions longer than the context are truncated (tokenize keeps EOT, which is where the text is pooled).
+    threads: None chooses them for the cores free now (torch_threads); precision: runtime.PRECISIONS."""
     device = _device(model, device)
+    if threads is None and device.type == "cpu":
+        threads = torch_threads(None, device, free_cores())
     tokens = tokenize(captions, context_length=model.config.text.context_length)  # (N, L)
     # Encode in order of length: encode_text drops the padding after a batch's longest caption, so batches of
     # similar lengths do much less work. The features are put back in caption order at the end.
     order = tokens.argmax(dim=-1).argsort()
     features = torch.empty(len(captions), model.config.embed_dim)
-    for chunk in tqdm(order.split(batch_size), desc="encode texts", disable=not progress):
-        with autocast_context(device, default_precision(device)):  # bf16 on CUDA, features back in fp32
-            x = model.encode_text(tokens[chunk].to(device, non_blocking=True))  # (B, embed_dim)
-        features[chunk] = F.normalize(x.float(), dim=-1).cpu()
+    with num_threads(threads):
+        for chunk in tqdm(order.split(batch_size), desc="encode texts", disable=not progress):
+            with autocast_context(device, precision):  # "auto": bf16 where the hardware has it natively
+                x = model.encode_text(tokens[chunk].to(device, non_blocking=True))  # (B, embed_dim)
+            features[chunk] = F.normalize(x.float(), dim=-1).cpu()  # normalise in float32, not bf16
     return features.numpy()
 
 
@@ -185,10 +289,11 @@ def save_features(save_dir, image_features, text_features, dataset, results):
     (save_dir / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def evaluate_retrieval(model, records, image_root, protocol="5cap", split_name="test", batch_size=256, workers=2,
-                       device=None, save_dir=None, progress=True):
+def evaluate_retrieval(model, records, image_root, protocol="5cap", split_name="test", batch_size=256, workers=None,
+                       device=None, save_dir=None, progress=True, precision="auto", threads=None):
     """Encode `records` (from data.read_captions) and compute Recall@1/5/10 both ways -> dict with split, protocol,
-    images, captions, truncated_captions, text_to_image and image_to_text (fractions in [0, 1])."""
+    images, captions, truncated_captions, text_to_image and image_to_text (fractions in [0, 1]).
+    workers and threads: None chooses them for the cores free now (encode_plan); precision: runtime.PRECISIONS."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if not records:
@@ -197,11 +302,12 @@ def evaluate_retrieval(model, records, image_root, protocol="5cap", split_name="
     transform = image_transform(model.config.vision.image_size)  # the eval transform: resize, centre crop
     dataset = CaptionEvalDataset(records, image_root, transform, captions_per_image=PROTOCOLS[protocol])
     context_length = model.config.text.context_length
+    workers, threads = encode_plan(workers, threads, dataset, _device(model, device))  # measured once for both
     was_training = model.training
     model.eval()
     try:
-        image_features = encode_images(model, dataset, batch_size, workers, device, progress)
-        text_features = encode_texts(model, dataset.captions, batch_size, device, progress)
+        image_features = encode_images(model, dataset, batch_size, workers, device, progress, precision, threads)
+        text_features = encode_texts(model, dataset.captions, batch_size, device, progress, precision, threads)
     finally:
         model.train(was_training)
     results = {"split": split_name, "protocol": protocol, "images": len(image_features), "captions": len(text_features),

@@ -22,6 +22,7 @@ from torchvision.transforms import (Compose, InterpolationMode, Normalize, Rando
 
 from checkpoints import load_checkpoint
 from model import CLIP
+from runtime import autocast_context
 from synthetic import ensure_fewshot_shapes
 from templates import get_templates
 from tokenizer import tokenize
@@ -176,10 +177,12 @@ def checkpoint_tag(path):
     return f"{Path(path).stem}-{zlib.crc32(f'{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()):08x}"
 
 
-def load_bank(init, device, ctx, cache_dir, min_scale):
-    """The frozen CLIP of checkpoint `init` and its FeatureBank, whose disk file is keyed by the checkpoint file."""
+def load_bank(init, device, precision, cache_dir, min_scale):
+    """The frozen CLIP of checkpoint `init` and its FeatureBank, whose disk file is keyed by the checkpoint file and
+    the precision (bf16 features differ from fp32 ones in the third digit: the two are never mixed)."""
     model = load_checkpoint(init).to(device).eval().requires_grad_(False)
-    return FeatureBank(model, device, ctx, Path(cache_dir) / f"{checkpoint_tag(init)}-views{min_scale}.pt", min_scale)
+    cache_file = Path(cache_dir) / f"{checkpoint_tag(init)}-views{min_scale}-{precision}.pt"
+    return FeatureBank(model, device, autocast_context(device, precision), cache_file, min_scale)
 
 
 @torch.no_grad()

@@ -17,12 +17,14 @@ layouts (TinyCLIP, Hugging Face, TorchScript, ...) and renaming their keys is ch
 import json
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel, SDPBackend
 
 # -----------------------------------------------------------------------------
 # Configs: small dataclasses filled from the open_clip-style JSON files in model_configs/
@@ -129,8 +131,12 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, D)
         q, k, v = (t.view(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, L, hd)
-        # softmax(q k^T / sqrt(hd)) v; causal=True masks future tokens (the text tower, CLIP section 2.4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, L, hd)
+        # softmax(q k^T / sqrt(hd)) v; causal=True masks future tokens (the text tower, CLIP section 2.4).
+        # Training in bf16 on a CPU takes PyTorch's plain ("math") kernel: its fused CPU kernel's bf16 backward is
+        # ~9x slower than its fp32 one (torch 2.14), while the plain one's products are fast bf16 matmuls.
+        slow_fused = q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+        with sdpa_kernel(SDPBackend.MATH) if slow_fused else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, L, hd)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.out_proj(y)
 

@@ -36,15 +36,55 @@ def pick_device(name=None, local_rank=0):
     return torch.device("cpu")
 
 
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]  # the --precision choices of every entry point
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there a bf16 matmul runs ~3-4x an fp32
+    one; without it PyTorch emulates bf16 and it is slower than fp32. Asked of the CPU, not guessed from its name."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probes):
+        return any(probe() for probe in probes if probe)
+    try:  # older PyTorch: the kernel's flag list (Linux)
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(device, requested="auto"):
+    """The precision a run uses and why, as (precision, reason). "auto": bf16 autocast where the hardware
+    multiplies bf16 natively (CUDA GPUs that support it, CPUs with AVX-512 BF16/AMX), fp32 otherwise; any other
+    value is forced. bf16 keeps fp32's exponent range, so it needs no loss scaling (fp16 does)."""
+    device = torch.device(device)
+    if requested not in (None, "auto"):
+        return requested, "forced by --precision"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16", "auto: this CPU has native bf16 (AVX-512 BF16/AMX)"
+    return "fp32", f"auto: no native bf16 on this {device.type}"
+
+
+def precision_line(device, requested="auto"):
+    """resolve_precision's choice, printed as a run's first line; returns the precision."""
+    precision, why = resolve_precision(device, requested)
+    print(f"precision: {precision} ({why})")
+    return precision
+
+
 def default_precision(device):
-    """bf16 autocast on CUDA (about 2x faster, no loss scaling needed), fp32 elsewhere."""
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    """The precision "auto" picks on this device."""
+    return resolve_precision(device)[0]
 
 
 def autocast_context(device, precision):
     """Mixed precision keeps fp32 master weights and runs matmuls in bf16/fp16 (never .half() the model:
-    plain fp16 weights and Adam give NaNs, openai/CLIP issue #40). fp16 also needs a GradScaler."""
+    plain fp16 weights and Adam give NaNs, openai/CLIP issue #40); LayerNorm, softmax and the losses stay fp32
+    under autocast's own rules. fp16 also needs a GradScaler."""
     device = torch.device(device)
+    if precision in (None, "auto"):
+        precision = default_precision(device)
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type == "cpu":

@@ -199,7 +199,7 @@ def method_argv(data, ckpt, out, method, *extra):
 def task(tiny, tmp_path_factory):
     """The tiny task, 4-shot seed 1, 2 augmented views, as a method sees it."""
     data, ckpt = tiny
-    bank = adapters.load_bank(str(ckpt), torch.device("cpu"), nullcontext(), tmp_path_factory.mktemp("f"), 0.5)
+    bank = adapters.load_bank(str(ckpt), torch.device("cpu"), "fp32", tmp_path_factory.mktemp("f"), 0.5)
     return adapters.build_task(bank, fewshot.make_few_shot(str(data), 4, 1, None), ["a photo of a {}."], 2)
 
 
@@ -317,7 +317,7 @@ def test_seeded_split_without_split_folders(tmp_path):
 def test_cross_modal_batches_contain_text(tiny, tmp_path):
     data, ckpt = tiny
     args = adapters.parse_args(method_argv(data, ckpt, tmp_path / "run", "cross-modal"))
-    bank = adapters.load_bank(args.init, torch.device("cpu"), nullcontext(), args.feature_cache, args.aug_min_scale)
+    bank = adapters.load_bank(args.init, torch.device("cpu"), "fp32", args.feature_cache, args.aug_min_scale)
     split = fewshot.make_few_shot(args.data, args.shots, args.seed, None)
     task = adapters.build_task(bank, split, ["a photo of a {}.", "a {} thing."], args.aug_views)
     seen = []

@@ -1,10 +1,13 @@
 """
 Tests for evaluate.py: FAISS recall equals the brute-force torch oracle (also with exact ties), a tiny example
-worked out by hand, the any-of-its-captions rule for image -> text, the 1-caption protocol, and an end-to-end
-evaluation of a tiny random CLIP on a few generated images.
+worked out by hand, the any-of-its-captions rule for image -> text, the 1-caption protocol, an end-to-end
+evaluation of a tiny random CLIP on a few generated images, bf16 features close to fp32 ones, and the choice of
+loader workers and torch threads for the cores free.
 """
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +203,8 @@ def test_one_caption_protocol_and_batched_encoding_equals_one_at_a_time(tiny):
     with torch.no_grad():
         one_by_one = [model.encode_image(dataset[i][0][None], normalize=True)[0] for i in range(len(dataset))]
         texts_one_by_one = [model.encode_text(tokenize(c, 16), normalize=True)[0] for c in dataset.captions]
-    batched = encode_images(model, dataset, batch_size=4, workers=0, progress=False)
-    batched_texts = encode_texts(model, dataset.captions, batch_size=2, progress=False)
+    batched = encode_images(model, dataset, batch_size=4, workers=0, progress=False, precision="fp32")
+    batched_texts = encode_texts(model, dataset.captions, batch_size=2, progress=False, precision="fp32")
     np.testing.assert_allclose(batched, torch.stack(one_by_one).numpy(), atol=1e-5)
     np.testing.assert_allclose(batched_texts, torch.stack(texts_one_by_one).numpy(), atol=1e-5)
     assert dataset.captions == [r.captions[0] for r in records]
@@ -211,3 +214,87 @@ def test_unknown_protocol_is_refused(tiny):
     root, records, model = tiny
     with pytest.raises(ValueError, match="protocol must be one of"):
         evaluate_retrieval(model, records, root / "images", "10cap")
+
+
+# ----------------------------------------------------------------------------- precision, workers and threads
+
+def cosines(a, b):
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_precision_argument_bf16_features_close_to_fp32(tiny):
+    root, records, model = tiny
+    from data import CaptionEvalDataset
+    dataset = CaptionEvalDataset(records, root / "images", image_transform(32))
+    images = {p: encode_images(model, dataset, batch_size=4, workers=0, progress=False, precision=p, threads=1)
+              for p in ("fp32", "bf16")}
+    texts = {p: encode_texts(model, dataset.captions, batch_size=8, progress=False, precision=p, threads=1)
+             for p in ("fp32", "bf16")}
+    for features in (images, texts):
+        assert features["bf16"].dtype == np.float32  # normalised in float32 whatever the autocast
+        assert np.abs(features["bf16"] - features["fp32"]).max() > 0  # bf16 really ran
+        assert cosines(features["bf16"], features["fp32"]).min() > 0.99
+    results = evaluate_retrieval(model, records, root / "images", batch_size=4, workers=0, progress=False,
+                                 precision="bf16")
+    assert results["text_to_image"]["R@5"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    """A CaptionEvalDataset whose image is 300x200 pixels (more than evaluate.SMALL_IMAGE)."""
+    from data import CaptionEvalDataset, Record
+    root = tmp_path_factory.mktemp("big")
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(root / "big.png")
+    return CaptionEvalDataset([Record("big.png", ["a black picture."])], root, image_transform(32))
+
+
+def test_loader_workers_policy(tiny, big_images):
+    root, records, model = tiny
+    from data import CaptionEvalDataset
+    small = CaptionEvalDataset(records, root / "images", image_transform(32))  # 48x40 images: decode here
+    assert [evaluate.loader_workers(None, small, device, 16) for device in ("cpu", "cuda")] == [0, 0]
+    # big images on the CPU: a worker per 4 free cores, at most 4; on a GPU all free cores but one, at most 4
+    on_cpu = [evaluate.loader_workers(None, big_images, "cpu", free) for free in (1, 2, 3, 4, 8, 32)]
+    assert on_cpu == [0, 0, 0, 1, 2, 4]
+    assert [evaluate.loader_workers(None, big_images, "cuda", free) for free in (1, 2, 3, 16)] == [0, 1, 2, 4]
+    assert evaluate.loader_workers(None, [0, 1], "cpu", 8) == 2  # size unknown: counted as big
+    assert evaluate.loader_workers(3, small, "cpu", 1) == 3  # an explicit number wins
+
+
+def test_torch_threads_policy():
+    most = torch.get_num_threads()
+    assert evaluate.torch_threads(None, "cpu", free=1) == 1  # one core free: one thread, whatever torch's setting
+    assert evaluate.torch_threads(None, "cpu", free=64) == most  # never more than torch's own setting
+    assert evaluate.torch_threads(None, "cpu", free=2, decoding_workers=2) == 1  # at least one
+    assert evaluate.torch_threads(None, "cuda", free=1) is None  # the GPU does the matmuls: unchanged
+    assert evaluate.torch_threads(3, "cpu", free=1) == 3  # an explicit number wins
+
+
+def test_encode_plan_measures_only_when_something_is_automatic(tiny, big_images, monkeypatch):
+    root, records, model = tiny
+    monkeypatch.setattr(evaluate, "free_cores", lambda: pytest.fail("measured although nothing is automatic"))
+    assert evaluate.encode_plan(2, 2, big_images, "cpu") == (2, 2)
+    assert evaluate.encode_plan(2, None, big_images, "cuda") == (2, None)
+    monkeypatch.setattr(evaluate, "free_cores", lambda: 8)
+    assert evaluate.encode_plan(None, None, big_images, "cpu") == (2, min(6, torch.get_num_threads()))
+    assert evaluate.encode_plan(None, 5, big_images, "cpu") == (2, 5)
+
+
+def test_free_cores_counts_the_idle_time_other_processes_leave(monkeypatch):
+    # two snapshots of /proc/stat 0.1 s apart: cpu0 busy all the time (10 user ticks), cpu1 idle (10 idle ticks)
+    snapshots = iter(["cpu  9 0 0 9 0 0 0 0 0 0\ncpu0 5 0 0 4 0 0 0 0 0 0\ncpu1 4 0 0 5 0 0 0 0 0 0\nintr 1\n",
+                      "cpu  29 0 0 29 0 0 0 0 0 0\ncpu0 15 0 0 4 0 0 0 0 0 0\ncpu1 4 0 0 15 0 0 0 0 0 0\nintr 2\n"])
+    monkeypatch.setattr(evaluate, "open", lambda path: io.StringIO(next(snapshots)), raising=False)
+    monkeypatch.setattr(evaluate.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(evaluate.time, "sleep", lambda s: None)
+    assert evaluate.free_cores() == 1
+    monkeypatch.setattr(evaluate, "open", lambda path: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+    assert evaluate.free_cores() == 2  # cannot tell: all of them
+
+
+def test_free_cores_on_this_machine_and_num_threads_restores():
+    assert 1 <= evaluate.free_cores(0.05) <= len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    with evaluate.num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -1,0 +1,75 @@
+"""
+Tests for bench.py's counting, not its timings: clip_flops against a hand count and against PyTorch's own
+FlopCounterMode on a tiny CLIP (forward exactly, a training step within 5% of 3x the forward), the alternating
+order of time_pair, the ratio's median [min-max], and the precisions the command line runs.
+"""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from bench import clip_flops, transformer_flops
+from model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from train import clip_loss
+
+TINY = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+                  text=TextConfig(context_length=12, vocab_size=100, width=32, heads=2, layers=2))
+
+
+def counted_flops(fn):
+    """FLOPs PyTorch counts for fn(): matmuls and convolutions. Attention runs as the MATH kernel, two batched
+    matmuls that FlopCounterMode sees (it does not count the CPU's fused attention kernel)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_transformer_flops_by_hand():
+    # width 2, 3 tokens, MLP 8: q/k/v + out 2*3*2*(6+2) = 96; scores and weighted sum 2 * 2*3*3*2 = 72;
+    # MLP 2 * 2*3*2*8 = 192
+    assert transformer_flops(2, 1, 3) == 96 + 72 + 192
+    assert transformer_flops(2, 5, 3) == 5 * 360
+    # TINY's image: 16 patches of 3*8*8 -> 64 (2*16*192*64), 17 tokens, projection 64 -> 16
+    assert clip_flops(TINY, text=False) == 2 * 16 * 192 * 64 + transformer_flops(64, 2, 17) + 2 * 64 * 16
+    assert clip_flops(TINY) == clip_flops(TINY, text=False) + clip_flops(TINY, image=False)
+    assert clip_flops(TINY, image=False, text_length=5) == transformer_flops(32, 2, 5) + 2 * 32 * 16
+
+
+def test_clip_flops_equal_pytorchs_count():
+    torch.manual_seed(0)
+    model, batch = CLIP(TINY), 3
+    images = torch.randn(batch, 3, 32, 32)
+    tokens = torch.randint(1, 90, (batch, 12))
+    tokens[:, -1] = 99  # EOT (the largest id) last: encode_text computes all 12 positions
+    with torch.no_grad():
+        assert counted_flops(lambda: model.encode_image(images)) == batch * clip_flops(TINY, text=False)
+        assert counted_flops(lambda: model.encode_text(tokens)) == batch * clip_flops(TINY, image=False)
+        assert counted_flops(lambda: model.encode_text(tokens[:, 4:])) == \
+            batch * clip_flops(TINY, image=False, text_length=8)
+
+    def step():
+        clip_loss(*model(images, tokens)).backward()
+    # backward: two products per forward one, less the patch convolution's gradient for the images (not needed)
+    assert counted_flops(step) == pytest.approx(3 * batch * clip_flops(TINY), rel=0.05)
+
+
+def test_time_pair_alternates_and_ratio_reports_median_and_range():
+    calls = []
+    times = bench.time_pair({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then ABBA...
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4}
+    assert bench.ratio([2.0, 3.0, 4.0], [1.0, 1.0, 1.0]) == "3.00x [2.00-4.00]"
+
+
+def test_precisions_and_bad_flags(capsys):
+    default = ["fp32", "bf16"] if bench.cpu_has_bf16() else ["fp32"]
+    assert bench.precisions_for("cpu", None) == default
+    assert bench.precisions_for("cpu", "fp32") == ["fp32"]
+    assert bench.precisions_for("cpu", "auto") == [default[-1]]
+    with pytest.raises(SystemExit):
+        bench.main(["model", "--precision", "fp16"])
+    assert "--precision fp16 needs a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["model", "--repeats", "0"])
+    assert "--repeats" in capsys.readouterr().err
