@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -257,11 +258,14 @@ class BadSample(NamedTuple):
 
 
 class CaptionTrainDataset(Dataset):
-    """Image i with one of its captions, drawn afresh each epoch -> (image (3, H, W), tokens (context_length,))."""
+    """Image i with one of its captions, drawn afresh each epoch -> (image (3, H, W), tokens (context_length,)).
+    With negatives, a function (caption, k, numpy rng) -> up to k hard-negative captions (negatives.sample_negatives),
+    tokens are (1 + k, context_length): the caption, then its negatives (all-zero rows where there are fewer)."""
 
-    def __init__(self, records, image_root, transform, context_length=77, seed=0):
+    def __init__(self, records, image_root, transform, context_length=77, seed=0, negatives=None, k=0):
         self.records, self.image_root, self.transform = records, Path(image_root), transform
         self.context_length, self.seed, self.epoch = context_length, seed, 0
+        self.negatives, self.k = negatives, k
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -283,9 +287,16 @@ class CaptionTrainDataset(Dataset):
         except ImageLoadError as e:  # a bad file must not kill a long run: mark it, collate_skip_bad drops it
             return BadSample(str(path), str(e))
         with torch.random.fork_rng(devices=[]):  # the augmentation's torch RNG, seeded per sample, then restored
-            torch.manual_seed(rng.getrandbits(63))
+            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU generator only: torch.manual_seed
+            # also queues a seed for every GPU backend, with a stack trace each time (~1 ms per image)
             pixels = self.transform(image)
-        return pixels, tokenize(caption, self.context_length, truncate=True)[0]
+        tokens = tokenize(caption, self.context_length, truncate=True)  # (1, L)
+        if self.negatives is None:
+            return pixels, tokens[0]
+        found = self.negatives(caption, self.k, np.random.default_rng(rng.getrandbits(63)))
+        tokens = torch.zeros(1 + self.k, self.context_length, dtype=tokens.dtype)  # (1 + k, L)
+        tokens[:1 + len(found)] = tokenize([caption] + found, self.context_length, truncate=True)
+        return pixels, tokens
 
 
 def collate_skip_bad(batch):
@@ -326,10 +337,11 @@ class EpochSampler(Sampler):
 
     Yields (epoch, index) pairs, see CaptionTrainDataset.__getitem__. To resume after k batches of an epoch,
     set_epoch(epoch, start=k * batch_size): with drop_last=True, batches are consecutive slices of the order,
-    so the remaining batches are exactly those an uninterrupted run would have seen."""
+    so the remaining batches are exactly those an uninterrupted run would have seen. group > 1 shuffles groups of
+    that many consecutive indices and keeps each group together (minimal pairs: group=2 with an even batch size)."""
 
-    def __init__(self, n, seed=0, shuffle=True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n, seed=0, shuffle=True, group=1):
+        self.n, self.seed, self.shuffle, self.group = n, seed, shuffle, group
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -339,13 +351,26 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(sample_rng(self.seed, self.epoch, "order").getrandbits(63))
-        return torch.randperm(self.n, generator=g).tolist()
+        groups = torch.randperm(-(-self.n // self.group), generator=g).tolist()
+        return [i for k in groups for i in range(k * self.group, min(self.n, (k + 1) * self.group))]
 
     def __iter__(self):
         return iter([(self.epoch, i) for i in self.order()[self.start:]])
 
     def __len__(self):
         return max(self.n - self.start, 0)
+
+
+def minimal_pair_group(data, records, batch_size):
+    """2 when the training split is the built-in Shapes data made of minimal pairs (synthetic.minimal_twin: image
+    2j+1 is image 2j with one thing changed), so the sampler keeps each pair in one batch; 1 otherwise."""
+    if Path(data).name != "dataset_shapes.json" or batch_size % 2:
+        return 1
+    params = json.loads(Path(data).read_text()).get("params", {})
+    if not params.get("minimal_pairs") or len(records) != params.get("n_train"):
+        return 1
+    print("data: minimal pairs (image 2j+1 is image 2j with one thing changed): each pair stays in one batch")
+    return 2
 
 
 class ShardedBatches(torch.utils.data.Sampler):

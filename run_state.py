@@ -22,7 +22,8 @@ from checkpoints import save_checkpoint, torch_load
 from model import CheckpointError
 
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
-            "warmup", "grad_clip", "seed", "precision")  # what defines a run: --resume takes them from the checkpoint
+            "warmup", "grad_clip", "seed", "precision", "hard_negatives")  # what defines a run: --resume takes them
+BEFORE_KEY = {"hard_negatives": 0}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
 
 
@@ -91,10 +92,11 @@ def resumed_args(args, argv, saved, world):
         raise ValueError(f"--resume: the run was trained by {saved['world']} process(es), this is {world}; "
                          "the global batch and the data order would change")
     for key in RUN_KEYS:
-        if key in typed and getattr(args, key) != saved[key]:
+        if key in typed and getattr(args, key) != saved.get(key, BEFORE_KEY.get(key)):
             print(f"warning: --resume ignores --{key.replace('_', '-')} {getattr(args, key)}: "
-                  f"the run uses {saved[key]}")
-    kept = {k: saved[k] for k in RUN_KEYS} | {k: saved[k] for k in SCHEDULE_KEYS if k in saved and k not in typed}
+                  f"the run uses {saved.get(key, BEFORE_KEY.get(key))}")
+    kept = {k: saved.get(k, BEFORE_KEY.get(k)) for k in RUN_KEYS}
+    kept |= {k: saved[k] for k in SCHEDULE_KEYS if k in saved and k not in typed}
     if saved.get("data_sha256") not in (None, file_digest(saved["data"])):
         raise ValueError(f"--resume: {saved['data']} has changed since the run started (its sha256 differs), so the "
                          "data order would change: restore it, or start a new run with --init OUT/last.pt")

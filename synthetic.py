@@ -36,6 +36,7 @@ Usage:
 """
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing
@@ -238,6 +239,46 @@ def sample_scene(rng, backgrounds):
     return scene
 
 
+def minimal_twin(scene, rng):
+    """The scene with exactly one thing changed, so that only that thing tells the two apart: one object's shape,
+    colour or size; a single object moved; or, with two objects, their colours swapped (binding) or the objects
+    swapped (order). The training split holds such pairs side by side (images 2j and 2j+1) and train.py keeps
+    each pair in one batch: then "a red circle left of a blue star" must find its image among images that have
+    the same colours and shapes, which a bag of words cannot do (the image side of NegCLIP's hard negatives)."""
+    twin = copy.deepcopy(scene)
+    objs = twin["objects"]
+    kinds = ["shape", "colour", "size"] + (["position"] if len(objs) == 1 else ["binding", "order"])
+    kind = str(rng.choice(kinds))
+    if kind == "binding" and objs[0]["colour"] == objs[1]["colour"]:
+        kind = "order" if objs[0]["shape"] != objs[1]["shape"] else "shape"
+    if kind in ("shape", "colour"):
+        obj, other = (objs + objs)[int(rng.integers(len(objs))):][:2]
+        values = [v for v in (SHAPES if kind == "shape" else COLOURS) if v != obj[kind] and
+                  (len(objs) == 1 or {**obj, kind: v}["shape"] + {**obj, kind: v}["colour"]
+                   != other["shape"] + other["colour"])]  # two objects never share both shape and colour
+        obj[kind] = str(rng.choice(values))
+        if kind == "shape":
+            obj["angle"] = 0.0 if obj["shape"] == "circle" else round(rng.uniform(-15, 15), 1)
+    elif kind == "size":
+        obj = objs[int(rng.integers(len(objs)))]
+        new = "small" if obj["size"] == "large" else "large"
+        obj["radius"] = round(obj["radius"] * SIZES[new] / SIZES[obj["size"]], 4)
+        obj["size"] = new
+    elif kind == "position":
+        obj = objs[0]
+        new = str(rng.choice([p for p in SINGLE_POSITIONS if p != obj["position"]]))
+        (x0, y0), (x1, y1) = SINGLE_POSITIONS[obj["position"]], SINGLE_POSITIONS[new]
+        obj["center"] = [round(obj["center"][0] + x1 - x0, 4), round(obj["center"][1] + y1 - y0, 4)]  # same jitter
+        obj["position"] = new
+    elif kind == "binding":
+        objs[0]["colour"], objs[1]["colour"] = objs[1]["colour"], objs[0]["colour"]
+    else:  # order: the objects trade places (each slot keeps its position; what stands there is swapped)
+        for key in ("shape", "colour", "size", "radius", "angle"):
+            objs[0][key], objs[1][key] = objs[1][key], objs[0][key]
+    twin["changed"] = kind  # kept in the JSON attributes
+    return twin
+
+
 def _stripe_mask(S, rng):
     y, x = _grid(S)
     a = rng.uniform(0, np.pi)
@@ -335,10 +376,14 @@ def make_captions(scene, rng, n=5):
 # Writing the dataset
 
 
-def make_entry(index, split, seed, image_size, style_name, images_dir):
-    """Draw image `index`, save its PNG, and return its Karpathy-format JSON entry."""
+def make_entry(index, split, seed, image_size, style_name, images_dir, minimal_pairs=False):
+    """Draw image `index`, save its PNG, and return its Karpathy-format JSON entry. With minimal_pairs, an odd
+    training image is the minimal_twin of the one before it."""
     style = STYLES[style_name]
-    scene = sample_scene(np.random.default_rng([seed, index, 0]), list(style.backgrounds))
+    twin = minimal_pairs and split == "train" and index % 2 == 1
+    scene = sample_scene(np.random.default_rng([seed, index - twin, 0]), list(style.backgrounds))
+    if twin:
+        scene = minimal_twin(scene, np.random.default_rng([seed, index, 3]))
     captions = make_captions(scene, np.random.default_rng([seed, index, 1]))
     image = render(scene, style, np.random.default_rng([seed, index, 2, list(STYLES).index(style_name)]), image_size)
     filename = f"{index:06d}.png"
@@ -354,16 +399,23 @@ def _make_entry_star(args):
     return make_entry(*args)
 
 
-def generate(root, seed=0, n_train=10000, n_val=1000, n_test=1000, image_size=64, style="default", workers=2):
+def dataset_params(seed, n_train, n_val, n_test, image_size, style, minimal_pairs):
+    """What a dataset is made from, stored in its JSON (a cached dataset with other params is regenerated)."""
+    params = dict(version=VERSION, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
+                  style=style)
+    return params | ({"minimal_pairs": True} if minimal_pairs else {})  # absent: independent scenes, as before
+
+
+def generate(root, seed=0, n_train=10000, n_val=1000, n_test=1000, image_size=64, style="default", workers=2,
+             minimal_pairs=False):
     """Draw all images into root/images and write root/dataset_shapes.json last (atomically)."""
-    root, params = Path(root), dict(version=VERSION, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-                                    image_size=image_size, style=style)
+    root, params = Path(root), dataset_params(seed, n_train, n_val, n_test, image_size, style, minimal_pairs)
     assert style in STYLES, f"unknown style {style!r}; choose one of {list(STYLES)}"
     json_path, images_dir = root / JSON_NAME, root / "images"
     json_path.unlink(missing_ok=True)  # an interrupted run leaves no JSON, so it is redone next time
     images_dir.mkdir(parents=True, exist_ok=True)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    jobs = [(i, split, seed, image_size, style, str(images_dir)) for i, split in enumerate(splits)]
+    jobs = [(i, split, seed, image_size, style, str(images_dir), minimal_pairs) for i, split in enumerate(splits)]
     bar = dict(total=len(jobs), desc=f"drawing {style} shapes into {root}", unit="img")
     if workers > 1:
         with multiprocessing.Pool(workers) as pool:
@@ -381,12 +433,11 @@ def generate(root, seed=0, n_train=10000, n_val=1000, n_test=1000, image_size=64
 
 
 def ensure_shapes(root=None, seed=0, n_train=10000, n_val=1000, n_test=1000, image_size=64, style="default",
-                  workers=2):
+                  workers=2, minimal_pairs=False):
     """Path to root/dataset_shapes.json, generating it first unless it exists with the same parameters.
     root=None means data/shapes (data/shapes_<style> for other styles)."""
     root = Path(root) if root else DEFAULT_ROOT if style == "default" else DATA_DIR / f"shapes_{style}"
-    params = dict(version=VERSION, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-                  image_size=image_size, style=style)
+    params = dataset_params(seed, n_train, n_val, n_test, image_size, style, minimal_pairs)
     json_path = root / JSON_NAME
     if json_path.exists():
         try:
@@ -395,7 +446,7 @@ def ensure_shapes(root=None, seed=0, n_train=10000, n_val=1000, n_test=1000, ima
         except json.JSONDecodeError:
             pass
         print(f"{json_path} was made with other parameters (or is damaged); regenerating")
-    return generate(root, seed, n_train, n_val, n_test, image_size, style, workers)
+    return generate(root, seed, n_train, n_val, n_test, image_size, style, workers, minimal_pairs)
 
 
 def attribute_key(attributes):
@@ -487,10 +538,12 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--style", default="default", choices=list(STYLES))
     parser.add_argument("--workers", type=int, default=2, help="processes drawing images")
+    parser.add_argument("--minimal-pairs", action="store_true",
+                        help="training image 2j+1 is image 2j with one thing changed (default: independent scenes)")
     parser.add_argument("--preview", default=None, help="also save a grid of test images with captions here")
     args = parser.parse_args()
     path = ensure_shapes(args.root, args.seed, args.n_train, args.n_val, args.n_test, args.image_size, args.style,
-                         args.workers)
+                         args.workers, args.minimal_pairs)
     print(f"dataset: {path}")
     describe(path)
     if args.preview:

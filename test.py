@@ -9,6 +9,8 @@ Evaluations of a trained or released CLIP (CLIP paper section 3: zero-shot trans
         [--split test] [--protocol 5cap|1cap] [--json results.json]
     python test.py anomaly --checkpoint out/aa-clip/aa_clip.pt [--data MVTEC_OR_VISA_ROOT] [--categories ...]
     python test.py anomaly --checkpoint out/shapes/last.pt     # any CLIP checkpoint: the un-adapted baseline
+    python test.py probe [--checkpoint CKPT] [--json PATH] [--n N] [--precision auto|fp32|bf16|fp16]
+                                         # zero-shot probe suite (probe.py): shape, colour, ..., binding, relation
 """
 import argparse
 import json
@@ -16,11 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
 from model import CheckpointError
 from tokenizer import tokenize
-from runtime import error_line, pick_device, plain_warnings
+from runtime import (autocast_context, error_line, int_at_least, pick_device, plain_warnings, precision_line,
+                     PRECISIONS, resolve_precision)
 from transform import ImageLoadError, image_transform, load_image
 
 ROOT = Path(__file__).resolve().parent
@@ -40,16 +44,20 @@ def find_tinyclip():
 
 
 @torch.no_grad()
-def zero_shot(model, images, texts):
+def zero_shot(model, images, texts, precision="fp32"):
     """Cosine similarity of each image with each text, and the softmax over texts of logit_scale * cosine
-    (CLIP's zero-shot classifier, section 3.1.2). Returns two (n_images, n_texts) tensors."""
+    (CLIP's zero-shot classifier, section 3.1.2). Returns two (n_images, n_texts) tensors. The towers run at
+    `precision` (runtime.autocast_context); the cosines and the softmax are computed in fp32."""
     if not images or not texts:
         raise ValueError(f"no {'images' if not images else 'texts'} to compare: zero-shot needs at least one image "
                          "(--image) and one text (--text)")
     preprocess = image_transform(model.config.vision.image_size)
     pixels = torch.stack([preprocess(im) for im in images])  # (N, 3, H, W)
-    image_features = model.encode_image(pixels, normalize=True)
-    text_features = model.encode_text(tokenize(texts, model.config.text.context_length), normalize=True)
+    device = next(model.parameters()).device
+    with autocast_context(device, precision):
+        image_features = model.encode_image(pixels.to(device)).float()
+        text_features = model.encode_text(tokenize(texts, model.config.text.context_length).to(device)).float()
+    image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
     cosine = image_features @ text_features.T  # (N, T)
     return cosine, (model.logit_scale.exp() * cosine).softmax(dim=-1)
 
@@ -94,7 +102,8 @@ def cmd_zeroshot(args):
                          "such as --text \"a photo of a dog\" \"a photo of a cat\"")
     images = [load_image(p) for p in args.image]
     model = load_checkpoint(checkpoint, config=args.config, verbose=True)
-    print_zero_shot(args.image, args.text, *zero_shot(model, images, args.text))
+    precision = precision_line("cpu", args.precision)
+    print_zero_shot(args.image, args.text, *zero_shot(model, images, args.text, precision))
 
 
 def cmd_retrieval(args, model=None):
@@ -110,9 +119,11 @@ def cmd_retrieval(args, model=None):
     check_images(records, args.images, open_files=True)
     model = model or load_checkpoint(args.checkpoint, config=args.config, verbose=True)
     device = pick_device()
+    precision = resolve_precision(device, args.precision)[0] if args.command is None else \
+        precision_line(device, args.precision)
     results = evaluate_retrieval(model.to(device), records, args.images, protocol=args.protocol,
                                  split_name=args.split or "all", batch_size=args.batch_size, workers=args.workers,
-                                 device=device, save_dir=args.save_features)
+                                 device=device, save_dir=args.save_features, precision=precision)
     print(format_results(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -126,16 +137,23 @@ def cmd_default(args):
     checkpoint = Path(args.checkpoint or DEFAULT_RUN)
     if not checkpoint.exists():
         sys.exit(f"error: {checkpoint} not found: run `python train.py` first (or see `python test.py --help`)")
+    precision = precision_line("cpu", args.precision)
     model = load_checkpoint(checkpoint, verbose=True)
     data = ensure_shapes()
     picked = read_captions(data, "test")[:4]
     texts = [r.captions[0] for r in picked]  # the first caption of each picked image
     images = [load_image(data.parent / "images" / r.image) for r in picked]
     print("zero-shot: which caption belongs to which picture? (4 test images, their first captions)")
-    print_zero_shot([r.image for r in picked], texts, *zero_shot(model, images, texts))
+    print_zero_shot([r.image for r in picked], texts, *zero_shot(model, images, texts, precision))
     print()
     args.data, args.images, args.split, args.protocol = data, data.parent / "images", "test", "5cap"
     cmd_retrieval(args, model)
+    print()
+    args.json, args.n, args.scenes = checkpoint.parent / "probe.json", 200, "test"
+    try:
+        cmd_probe(args)
+    except ValueError as e:  # e.g. a model whose context is too short for the probe's captions
+        print(f"note: no probe: {error_line(e)}")
 
 
 def cmd_anomaly(args):
@@ -143,13 +161,34 @@ def cmd_anomaly(args):
     from aa_clip import load, resolve_test_data, test_report
     check_output(args.json, "--json")
     device = pick_device()
-    model, adapted, saved = load(args.checkpoint, args.init, args.img_size, device)
+    precision = precision_line(device, args.precision)
+    model, adapted, saved = load(args.checkpoint, args.init, args.img_size, device, precision)
     root, categories = resolve_test_data(args, saved)
     out = Path(args.out or ROOT / "out" / "anomaly" / Path(args.checkpoint).stem)
     report = test_report(model, root, categories, args, device, out, adapted=adapted)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+
+
+def cmd_probe(args):
+    """The zero-shot probe suite (probe.py) on new Shapes scenes: the checkpoint and the --json file are checked
+    first, then the model loads; prints the table and writes the results (default: probe.json by the checkpoint)."""
+    from probe import PROBE_SEED, PROBE_VAL_SEED, format_probe, run_probe
+    if args.checkpoint is None and not DEFAULT_RUN.exists():
+        raise FileNotFoundError(f"{DEFAULT_RUN} not found: run `python train.py` first, or pass --checkpoint")
+    checkpoint = Path(existing_checkpoint(args.checkpoint or DEFAULT_RUN))
+    seed = PROBE_VAL_SEED if args.scenes == "val" else PROBE_SEED
+    out = Path(args.json) if args.json else checkpoint.parent / f"probe{'_val' if args.scenes == 'val' else ''}.json"
+    check_output(out, "--json")
+    model = load_checkpoint(checkpoint, verbose=True)
+    device = pick_device()
+    precision, why = resolve_precision(device, args.precision)
+    print(f"probe: {args.n} new scenes per task (seed {seed}), device {device}, precision {precision} ({why})")
+    results = run_probe(model.to(device), device, precision, n=args.n, seed=seed)
+    print(format_probe(results))
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
 
 
 def get_args(argv=None):
@@ -176,7 +215,8 @@ def get_args(argv=None):
     r.add_argument("--json", help="write the results here")
     r.add_argument("--save-features", help="folder for the .npy features and their ids")
     r.add_argument("--batch-size", type=int, default=256)
-    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: chosen for the image size and the free cores)")
     a = sub.add_parser("anomaly", help="anomaly detection/segmentation AUROC and AP per category (AA-CLIP, aa_clip.py)")
     a.add_argument("--checkpoint", required=True,
                    help="an AA-CLIP file (train.py --method aa-clip) or any CLIP checkpoint")
@@ -192,14 +232,25 @@ def get_args(argv=None):
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--out", help="folder for table.md and overlays/ (default: out/anomaly/CHECKPOINT_NAME)")
     a.add_argument("--json", help="write the results here")
-    p.set_defaults(save_features=None, json=None, batch_size=256, workers=2)  # for the default command
+    b = sub.add_parser("probe", help="zero-shot probe suite on new Shapes scenes: shape, colour, size, position, "
+                                     "count, attribute binding, spatial relations (probe.py)")
+    b.add_argument("--checkpoint", help="default: the default run, out/shapes/last.pt")
+    b.add_argument("--json", help="write the results here (default: probe.json in the checkpoint's folder)")
+    b.add_argument("--n", type=int_at_least(1), default=200, help="scenes per task (default: 200)")
+    b.add_argument("--scenes", choices=["test", "val"], default="test",
+                   help="test: the reported scenes; val: other scenes, for choosing training settings")
+    for parser in (p, z, r, a, b):
+        parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                            help="autocast dtype (auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32)")
+    p.set_defaults(save_features=None, json=None, batch_size=256, workers=None)  # for the default command
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     plain_warnings()
-    command = {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, "anomaly": cmd_anomaly, None: cmd_default}
+    command = {"zeroshot": cmd_zeroshot, "retrieval": cmd_retrieval, "anomaly": cmd_anomaly, "probe": cmd_probe,
+               None: cmd_default}
     try:
         command[args.command](args)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from adapters import METHODS as FEW_SHOT_METHODS
 from checkpoints import load_checkpoint
-from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler, read_captions,
-                  ShardedBatches)
+from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler,
+                  minimal_pair_group, read_captions, ShardedBatches)
 from model import CheckpointError, CLIP, CLIPConfig
+from negatives import sample_negatives
 from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
                        StopRequest, trim_metrics)
-from runtime import (autocast_context, default_precision, equalise_batch, error_line, int_at_least, log_metrics,
-                     pick_device, plain_warnings, setup_distributed)
+from runtime import (autocast_context, equalise_batch, error_line, int_at_least, log_metrics, pick_device,
+                     plain_warnings, PRECISIONS, resolve_precision, setup_distributed)
 from trainer import get_lr
 from transform import ImageLoadError, image_transform
 
@@ -68,9 +69,11 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int_at_least(0), default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
-    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader worker processes")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="autocast dtype (default: bf16 on CUDA, fp32 otherwise)")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader worker processes for training")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
+    p.add_argument("--hard-negatives", type=int_at_least(0), default=2,
+                   help="NegCLIP hard-negative captions per image (negatives.py; 0: plain CLIP loss)")
     p.add_argument("--save-every", type=int_at_least(1), default=200,
                    help="steps between checkpoints (also saved before each evaluation and at the end)")
     p.add_argument("--eval-every", type=int_at_least(0), default=150,
@@ -85,12 +88,19 @@ def get_args(argv=None):
 # The loss
 
 
-def clip_loss(image_features, text_features, logit_scale):
+def clip_loss(image_features, text_features, logit_scale, negative_features=None, negative_valid=None):
     """Symmetric InfoNCE (CLIP Figure 3): the i-th image and the i-th caption are the positive pair, every other
     pairing in the batch is a negative. Cross-entropy over each row (image -> captions) and each column
-    (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised."""
+    (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised.
+    NegCLIP (Yuksekgonul et al. 2023, section 5): hard-negative captions (N, D) are extra columns of the
+    image -> caption side only, shared by the whole batch; negative_valid (N,) masks out missing ones."""
     logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
     logits_per_text = logits_per_image.T  # (B, B)
+    if negative_features is not None:
+        hard = logit_scale * image_features @ negative_features.T  # (B, N)
+        if negative_valid is not None:
+            hard = hard.masked_fill(~negative_valid, float("-inf"))
+        logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N)
     labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
@@ -123,10 +133,20 @@ def configure_optimizer(model, lr, wd):
 
 def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
     """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
-    finite (the step is skipped and the weights are untouched)."""
-    with ctx:
-        image_features, text_features, logit_scale = model(images, tokens)
-        loss = clip_loss(gather_with_grad(image_features), gather_with_grad(text_features), logit_scale)
+    finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
+    negatives per caption after the true one (all-zero rows: none)."""
+    B = images.shape[0]
+    captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
+    with ctx:  # the towers run under autocast; the loss below is computed in fp32
+        image_features, text_features, logit_scale = model(images, captions)
+    image_features, text_features = gather_with_grad(image_features.float()), text_features.float()
+    if tokens.ndim == 2:
+        loss = clip_loss(image_features, gather_with_grad(text_features), logit_scale.float())
+    else:
+        text_features = text_features.view(B, tokens.shape[1], -1)  # (B, 1 + K, D)
+        negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (B * K, D)
+        valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (B * K,)
+        loss = clip_loss(image_features, gather_with_grad(text_features[:, 0]), logit_scale.float(), negatives, valid)
     if not torch.isfinite(loss):  # skip: one bad batch must not poison the weights
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), None
@@ -184,14 +204,15 @@ def read_splits(args, data, images):
     return splits
 
 
-def train_loader(args, records, images, config, device, rank, world):
+def train_loader(args, records, images, config, device, rank, world, data):
     """The training records as a DataLoader of (images, tokens, unreadable paths) and its EpochSampler."""
     truncated = count_truncated(records, config.text.context_length)
     if truncated:
         print(f"note: {truncated} captions are longer than {config.text.context_length} tokens and will be truncated")
     dataset = CaptionTrainDataset(records, images, image_transform(config.vision.image_size, is_train=True),
-                                  config.text.context_length, args.seed)
-    sampler = EpochSampler(len(dataset), args.seed)
+                                  config.text.context_length, args.seed,
+                                  sample_negatives if args.hard_negatives else None, args.hard_negatives)
+    sampler = EpochSampler(len(dataset), args.seed, group=minimal_pair_group(data, records, args.batch_size))
     batches = ShardedBatches(sampler, args.batch_size, rank, world)
     if len(batches) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one global batch of {args.batch_size * world}")
@@ -208,23 +229,31 @@ def check_unreadable(bad, seen, first_bad, enough):
                          f"{MAX_BAD_SHARE:.0%}), e.g. {', '.join(first_bad)}: fix or remove them")
 
 
-def evaluate(model, records, images, split, workers, device):
-    """Image<->text recall on one split of the training data (evaluate.py; FAISS exact search)."""
+def evaluate(model, records, images, split, device, precision):
+    """Image<->text recall on one split of the training data (evaluate.py; FAISS exact search; its DataLoader
+    workers and threads are chosen for the image size and the cores free now)."""
     from evaluate import evaluate_retrieval, format_results
     results = evaluate_retrieval(model, records, images, protocol="5cap", split_name=split,
-                                 batch_size=256, workers=workers, device=device)
+                                 batch_size=256, device=device, precision=precision)
     print(format_results(results))
     return results
 
 
-def final_evaluation(model, splits, images, workers, device, out):
-    """Validation, then the test split, evaluated once, here; results_{val,test}.json and the training plot."""
+def final_evaluation(model, splits, images, device, precision, out, probe):
+    """Validation, then the test split, evaluated once, here; results_{val,test}.json and the training plot. With
+    probe (the built-in data), also the zero-shot probe suite on new scenes (probe.py): probe.json."""
     model.eval()
     for name in ("val", "test"):
         if splits[name] is not None:
-            results = evaluate(model, splits[name], images, name, workers, device)
+            results = evaluate(model, splits[name], images, name, device, precision)
             log_metrics(out, {"step": "final", name: results})
             (out / f"results_{name}.json").write_text(json.dumps(results, indent=2))
+    if probe:
+        from probe import format_probe, run_probe
+        results = run_probe(model, device, precision)
+        print(format_probe(results))
+        log_metrics(out, {"step": "final", "probe": results})
+        (out / "probe.json").write_text(json.dumps(results, indent=2))
     from plot import plot_metrics
     print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
 
@@ -247,7 +276,8 @@ def train(args, argv=()):
     elif master and any(p.name != ".lock" for p in out.iterdir()):
         raise ValueError(f"{out} holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}): "
                          "pass --resume to continue it, or choose another --out")
-    precision = args.precision or default_precision(device)
+    precision, why = resolve_precision(device, args.precision)
+    print(f"precision: {precision} ({why})")
     ctx = autocast_context(device, precision)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -261,7 +291,7 @@ def train(args, argv=()):
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)
     splits = read_splits(args, data, images)
-    loader, sampler = train_loader(args, splits["train"], images, model.config, device, rank, world)
+    loader, sampler = train_loader(args, splits["train"], images, model.config, device, rank, world, data)
     steps_per_epoch = len(loader)  # read before set_epoch(start=...), which shortens the epoch being resumed
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     optimizer = configure_optimizer(model, args.lr, args.wd)
@@ -325,7 +355,7 @@ def train(args, argv=()):
                         save_state(ckpt_path, model, optimizer, scaler, step, run)  # saved before evaluating
                     if evaluate_now:
                         log_metrics(out, {"step": step, "val": evaluate(model, splits["val"], images, "val",
-                                                                         args.workers, device)})
+                                                                         device, precision)})
                         model.train()
                 if stop.requested:
                     sys.exit(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
@@ -341,7 +371,7 @@ def train(args, argv=()):
     print(f"trained {step} steps in {time.time() - t_start:.0f} s; checkpoint: {ckpt_path}")
 
     if master:
-        final_evaluation(model, splits, images, args.workers, device, out)
+        final_evaluation(model, splits, images, device, precision, out, probe=args.data is None)
         lock.close()
     if world > 1:
         dist.barrier()

@@ -257,3 +257,45 @@ def test_ensure_shapes_caches_by_params(tmp_path, monkeypatch):
     small = dict(TINY, n_train=2)  # a smaller dataset removes the images it no longer has
     synthetic.ensure_shapes(root, seed=1, workers=1, **small)
     assert len(list((root / "images").glob("*.png"))) == 8
+
+
+def test_epoch_sampler_keeps_groups_together():
+    plain, paired = EpochSampler(50, seed=3), EpochSampler(50, seed=3, group=2)
+    assert list(EpochSampler(50, seed=3, group=1)) == list(plain)  # group=1 is the plain shuffle
+    order = [i for _, i in paired]
+    assert sorted(order) == list(range(50)) and order != [i for _, i in plain]
+    assert all(order[k] % 2 == 0 and order[k + 1] == order[k] + 1 for k in range(0, 50, 2))  # pairs side by side
+    paired.set_epoch(1)
+    assert [i for _, i in paired] != order  # reshuffled per epoch
+    odd = [i for _, i in EpochSampler(7, seed=0, group=2)]
+    assert sorted(odd) == list(range(7))
+
+
+def test_minimal_pairs_differ_in_one_thing_and_leave_val_test_alone(tmp_path):
+    from data import minimal_pair_group
+    sizes = dict(n_train=40, n_val=2, n_test=4, image_size=32)
+    paired = synthetic.generate(tmp_path / "p", seed=5, workers=1, minimal_pairs=True, **sizes)
+    plain = synthetic.generate(tmp_path / "q", seed=5, workers=1, **sizes)
+    images = json.loads(paired.read_text())["images"]
+    changed = set()
+    for first, twin in zip(images[0:40:2], images[1:40:2]):
+        a, b = first["attributes"], twin["attributes"]
+        kind = b["changed"]
+        changed.add(kind)
+        assert a["background"] == b["background"] and a["layout"] == b["layout"]
+        looks = lambda s: [(o["shape"], o["colour"], o["size"], o["position"]) for o in s["objects"]]
+        diff = [(x, y) for x, y in zip(looks(a), looks(b)) if x != y]
+        if kind == "binding":  # the colours swapped between the two objects, everything else kept
+            (s0, c0, z0, p0), (s1, c1, z1, p1) = looks(a)
+            assert looks(b) == [(s0, c1, z0, p0), (s1, c0, z1, p1)] and c0 != c1
+        elif kind == "order":  # the two objects trade places: same positions, what stands there swapped
+            (s0, c0, z0, p0), (s1, c1, z1, p1) = looks(a)
+            assert looks(b) == [(s1, c1, z1, p0), (s0, c0, z0, p1)]
+        else:
+            assert len(diff) == 1 and sum(p != q for p, q in zip(*diff[0])) == 1, (kind, diff)
+    assert {"shape", "colour", "size"} <= changed
+    for name in ["000040.png", "000041.png", "000045.png"]:  # val and test images are the same as without pairs
+        assert (tmp_path / "p/images" / name).read_bytes() == (tmp_path / "q/images" / name).read_bytes()
+    assert minimal_pair_group(paired, read_captions(paired, "train"), 8) == 2
+    assert minimal_pair_group(plain, read_captions(plain, "train"), 8) == 1
+    assert minimal_pair_group(paired, read_captions(paired, "train"), 7) == 1  # an odd batch would split pairs

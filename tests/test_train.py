@@ -83,7 +83,8 @@ def run_train(out, data, *extra, steps=12, batch=8, nproc=None, wait=True):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29517"] if nproc else []) + [
         str(ROOT / "train.py"), "--config", XS, "--data", str(data), "--images", str(data.parent / "images"),
         "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch), "--workers", "0",
-        "--warmup", "3", "--lr", "1e-3", "--val-split", "", "--test-split", "", "--save-every", "2", *extra]
+        "--warmup", "3", "--lr", "1e-3", "--val-split", "", "--test-split", "", "--save-every", "2", "--precision", "fp32",
+        *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

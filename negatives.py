@@ -1,0 +1,115 @@
+"""
+Hard-negative captions, NegCLIP-style: the true caption with one thing changed, so that only shape, colour, size,
+attribute binding or word order tells it apart from the truth.
+
+Yuksekgonul et al., "When and why vision-language models behave like bags-of-words, and what to do about it?"
+(ICLR 2023, https://arxiv.org/abs/2210.01936), section 5: in a random batch almost every caption can be told apart
+by its bag of words alone, so contrastive training never needs word order or binding ("a red circle left of a blue
+star" and "a blue circle left of a red star" have the same words). NegCLIP adds, for each image, captions with
+their words swapped as extra negatives of the image->text loss (train.clip_loss). Their swaps come from a parser;
+the built-in Shapes captions use a known vocabulary (synthetic.py's word tables), so here each change is exact:
+
+    shape     one shape word replaced by another shape's  "a red circle ..."          -> "a red star ..."
+    colour    one colour word replaced by another's       "a red circle ..."          -> "a green circle ..."
+    size      small <-> large                             "a small red circle ..."    -> "a large red circle ..."
+    binding   the two objects' colours swapped            "a red circle and a blue star"
+                                                             -> "a blue circle and a red star"
+    order     the two objects swapped (where the caption  "a red circle left of a blue star"
+              says where they are)                           -> "a blue star left of a red circle"
+    place     where words changed: left <-> right,        "a red circle above a blue star" -> "... below ..."
+              above <-> below, or a single object moved
+
+Captions of other datasets (Flickr, COCO) contain none of these words and get no hard negative.
+"""
+import re
+
+from synthetic import COLOUR_WORDS, POSITION_WORDS, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS
+
+KINDS = ("shape", "colour", "size", "binding", "order", "place")
+_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "size": SIZE_WORDS, "position": POSITION_WORDS}
+# the spatial words and their opposites; "under"/"below" and the position phrases map to a word of the other side
+_OPPOSITE = {"to the left of": "to the right of", "left of": "right of", "above": "below", "under": "above",
+             "to the right of": "to the left of", "right of": "left of", "below": "above"}
+for _side, _other in (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")):
+    for _i, _phrase in enumerate(POSITION_WORDS[_side]):
+        _OPPOSITE[_phrase] = POSITION_WORDS[_other][min(_i, len(POSITION_WORDS[_other]) - 1)]
+assert all(w in _OPPOSITE for rel, rev, _ in RELATION_WORDS.values() for w in rel + rev), "a relation word is missing"
+
+_WORD_OF = {w: (kind, value) for kind, table in _TABLES.items() for value, words in table.items() for w in words}
+_SPAN = re.compile(r"\b(" + "|".join(sorted(map(re.escape, list(_WORD_OF) + list(_OPPOSITE)), key=len, reverse=True))
+                   + r")\b", re.IGNORECASE)
+
+
+def spans(caption):
+    """The attribute words of a caption in order: [(start, end, kind, value)], kind in shape/colour/size/position
+    /relation (a relation's value is its own phrase). Longest phrases win ("to the left of" over "to the left")."""
+    found = []
+    for m in _SPAN.finditer(caption):
+        word = m.group(0).lower()
+        kind, value = _WORD_OF.get(word, ("relation", word))
+        found.append((m.start(), m.end(), kind, value))
+    return found
+
+
+def _replace(caption, edits):
+    """Apply {(start, end): new text}, then fix the articles the new words need ("a orange" -> "an orange")."""
+    for (start, end), text in sorted(edits.items(), reverse=True):
+        caption = caption[:start] + text + caption[end:]
+    return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m.group(1) + ("n " if m.group(2) in "aeiouAEIOU" else " "),
+                  caption)
+
+
+def _other_word(table, value, rng):
+    """A word for a different value of the same attribute (any of its synonyms)."""
+    other = [v for v in table if v != value]
+    return str(rng.choice(table[str(rng.choice(other))]))
+
+
+def hard_negative(caption, kind, rng):
+    """The caption changed in one way (KINDS), or None where that change does not apply (no such words, or the
+    swap would leave the meaning unchanged: two equal colours swapped, or two objects said to be 'side by side')."""
+    found = spans(caption)
+    of = {k: [s for s in found if s[2] == k] for k in ("shape", "colour", "size", "position", "relation")}
+    if kind in ("shape", "colour", "size"):
+        if not of[kind]:
+            return None
+        start, end, _, value = of[kind][rng.integers(len(of[kind]))]
+        return _replace(caption, {(start, end): _other_word(_TABLES[kind], value, rng)})
+    if kind == "binding" or kind == "order":
+        swap = ("colour",) if kind == "binding" else ("colour", "shape", "size")
+        if kind == "order" and not (of["relation"] or of["position"]):
+            return None  # "a red circle and a blue star": swapping the objects says the same
+        edits = {}
+        for k in swap:
+            if len(of[k]) == 2 and of[k][0][3] != of[k][1][3]:
+                (s0, e0, _, _), (s1, e1, _, _) = of[k]
+                edits[(s0, e0)], edits[(s1, e1)] = caption[s1:e1], caption[s0:e0]
+        return _replace(caption, edits) if edits else None
+    if kind == "place":
+        where = of["relation"] + of["position"]
+        if not where:
+            return None
+        if of["position"] and not of["relation"] and len(of["position"]) == 1:  # one object: move it elsewhere
+            start, end, _, value = of["position"][0]
+            new = _other_word(POSITION_WORDS, value, rng)
+            return _replace(caption, {(start, end): _match_case(caption[start:end], new)})
+        return _replace(caption, {(s, e): _match_case(caption[s:e], _OPPOSITE[caption[s:e].lower()])
+                                  for s, e, _, _ in where if caption[s:e].lower() in _OPPOSITE})
+    raise ValueError(f"unknown hard-negative kind {kind!r}; choose from {KINDS}")
+
+
+def _match_case(old, new):
+    return new[0].upper() + new[1:] if old[0].isupper() else new
+
+
+def sample_negatives(caption, k, rng, kinds=KINDS):
+    """k hard negatives of a caption, each of a different kind drawn at random among those that apply (fewer when
+    fewer apply). A negative equal to the caption (a change that left it as it was) is never returned."""
+    out = []
+    for kind in rng.permutation(list(kinds)):
+        negative = hard_negative(caption, str(kind), rng)
+        if negative is not None and negative != caption and negative not in out:
+            out.append(negative)
+        if len(out) == k:
+            break
+    return out
