@@ -1,12 +1,14 @@
 """
 Speed benchmarks (not tests): is our readable code also fast, and how close to this machine's peak does it run?
-Five sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
+Six sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
 
     peak       this machine's matmul rate, 2048x2048 @ 2048x2048, in GFLOP/s for each precision (the "peak" below)
     model      encode_image / encode_text, model.py vs open_clip with the same weights under the same autocast:
                items/s of both, ours/ref speed as median [min-max] over the paired runs, the fraction of peak
                each reaches (model FLOP/s / matmul GFLOP/s at that precision), and ours bf16 vs fp32
     train      one optimisation step (forward, clip_loss, backward, AdamW): the same columns, in samples/s
+    accuracy   bf16 vs fp32 on the trained default model: test-split recall at each, embeddings' min cosine,
+               zero-shot probabilities' largest difference
     retrieval  the shapes test split, quiet and with one core held by another process: the MiniClip tutorial's
                one-at-a-time loop, evaluate.py with the old setting (2 workers, 2 threads) and with its automatic
                workers and threads (evaluate.encode_plan); seconds, and each one's time / the automatic one's
@@ -443,6 +445,39 @@ def bench_compile(args):
                  "compile s"], rows)
 
 
+def bench_accuracy(args):
+    """bf16 against fp32 on a trained model (--checkpoint, default: the default run) and the built-in test split:
+    retrieval R@1/5/10 both ways at each precision, the smallest cosine between a bf16 embedding and its fp32 one,
+    and the largest difference of a zero-shot probability (each image against the first caption of every image)."""
+    path = Path(args.checkpoint or ROOT / "out" / "shapes" / "last.pt")
+    print(f"\n== accuracy: bf16 vs fp32 on {path} and the built-in test split ==")
+    if not path.exists():
+        print(f"skipped: {path} not found (python train.py first, or --checkpoint CKPT)")
+        return
+    from data import CaptionEvalDataset, read_captions
+    from evaluate import encode_images, encode_texts, recall_at_k
+    from synthetic import ensure_shapes
+    from transform import image_transform
+    model, data = load_checkpoint(path).eval(), ensure_shapes()
+    dataset = CaptionEvalDataset(read_captions(data, "test"), data.parent / "images",
+                                 image_transform(model.config.vision.image_size))
+    first = [dataset.caption_image.tolist().index(i) for i in range(len(dataset))]  # each image's first caption
+    rows, features = [], {}
+    for precision in ("fp32", "bf16"):
+        images = encode_images(model, dataset, precision=precision, progress=False)  # (N, D) float32, normalised
+        texts = encode_texts(model, dataset.captions, precision=precision, progress=False)  # (5N, D)
+        logits = model.logit_scale.exp().item() * torch.from_numpy(images @ texts[first].T)  # (N, N), in fp32
+        features[precision] = images, texts, logits.softmax(dim=-1)
+        r = recall_at_k(images, texts, dataset.caption_image.numpy())
+        rows.append([precision] + [f"{100 * r[d][f'R@{k}']:.2f}" for d in ("text_to_image", "image_to_text")
+                                   for k in (1, 5, 10)])
+    print_table(["precision", "T->I R@1", "R@5", "R@10", "I->T R@1", "R@5", "R@10"], rows)
+    (i32, t32, p32), (i16, t16, p16) = features["fp32"], features["bf16"]
+    print(f"min cosine bf16 vs fp32: images {(i32 * i16).sum(axis=1).min():.5f}, captions "
+          f"{(t32 * t16).sum(axis=1).min():.5f}; zero-shot probabilities ({len(first)}-way): max |bf16 - fp32| "
+          f"{(p32 - p16).abs().max().item():.2e}")
+
+
 def precisions_for(device, requested):
     """The precisions to run: the one asked for, else fp32 and bf16 where the device has native bf16, else fp32."""
     if requested is not None:
@@ -458,8 +493,8 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "retrieval": bench_retrieval,
-            "compile": bench_compile}
+SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "accuracy": bench_accuracy,
+            "retrieval": bench_retrieval, "compile": bench_compile}
 
 
 def main(argv=None):
@@ -470,6 +505,7 @@ def main(argv=None):
     p.add_argument("--precision", choices=PRECISIONS,
                    help="default: fp32 and bf16 where the CPU has native bf16 (runtime.cpu_has_bf16), else fp32")
     p.add_argument("--eval-images", type=int_at_least(1), help="retrieval: the first N test images (default: all)")
+    p.add_argument("--checkpoint", help="accuracy: the trained model (default: out/shapes/last.pt)")
     args = p.parse_args(argv)
     if args.precision == "fp16":
         p.error("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")
