@@ -35,7 +35,7 @@ from negatives import sample_negatives
 from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
                        StopRequest, trim_metrics)
 from runtime import (autocast_context, equalise_batch, error_line, int_at_least, log_metrics, pick_device,
-                     plain_warnings, PRECISIONS, resolve_precision, setup_distributed)
+                     plain_warnings, precision_line, PRECISIONS, setup_distributed)
 from trainer import get_lr
 from transform import ImageLoadError, image_transform
 
@@ -276,8 +276,7 @@ def train(args, argv=()):
     elif master and any(p.name != ".lock" for p in out.iterdir()):
         raise ValueError(f"{out} holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}): "
                          "pass --resume to continue it, or choose another --out")
-    precision, why = resolve_precision(device, args.precision)
-    print(f"precision: {precision} ({why})")
+    precision = precision_line(device, args.precision)
     ctx = autocast_context(device, precision)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
