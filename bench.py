@@ -107,15 +107,21 @@ def transformer_flops(width, layers, length, mlp_ratio=4.0):
 
 
 def clip_flops(cfg, image=True, text=True, text_length=None):
-    """Forward FLOPs of one image and/or one caption through CLIP (a CLIPConfig): the patch embedding (a stride-p
-    convolution: 2 * patches * 3p^2 * D), the Transformer (transformer_flops, class token included) and the final
+    """Forward FLOPs of one image and/or one caption through CLIP (a CLIPConfig): the convolutional stem, if any, the
+    patch embedding (a stride-p convolution: 2 * patches * 3p^2 * D without a stem), the Transformer (transformer_flops, class token included) and the final
     projection; the text tower at text_length tokens (default: its context length). A training step is ~3x this
     (the backward pass computes two products for each one of the forward)."""
     flops = 0
     if image:
         v = cfg.vision
+        side, channels = v.image_size, 3
+        for c in v.stem_channels:  # each 3x3 stride-2 convolution of the stem: 2 * outputs * 9 * C_in * C_out
+            side //= 2
+            flops += 2 * side * side * 9 * channels * c
+            channels = c
+        p = v.patch_size // 2 ** len(v.stem_channels)  # the patch projection's kernel (1 after a full stem)
         patches = (v.image_size // v.patch_size) ** 2
-        flops += 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding
+        flops += 2 * patches * channels * p ** 2 * v.width  # patch embedding
         flops += transformer_flops(v.width, v.layers, patches + 1, v.mlp_ratio)
         flops += 2 * v.width * cfg.embed_dim  # the class token's projection
     if text:

@@ -38,12 +38,17 @@ class VisionConfig:
     patch_size: int = 32  # side of the square patches; grid = image_size // patch_size
     head_width: int = 64  # width of one attention head; heads = width // head_width
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    stem_channels: list = field(default_factory=list)  # early convolutions before the patches ([]: none, as CLIP)
 
     def __post_init__(self):  # Attention splits the width into heads = width // head_width equal parts
         heads = self.width // self.head_width if self.head_width > 0 else 0
         if heads < 1 or self.width % heads:
             raise ValueError(f"vision_cfg: width {self.width} and head_width {self.head_width} give {heads} heads "
                              "(width // head_width), which must be at least 1 and divide the width")
+        self.stem_channels = list(self.stem_channels)
+        if self.patch_size % 2 ** len(self.stem_channels):
+            raise ValueError(f"vision_cfg: {len(self.stem_channels)} stride-2 stem convolutions (stem_channels) "
+                             f"need a patch_size divisible by {2 ** len(self.stem_channels)}, got {self.patch_size}")
 
 
 @dataclass
@@ -174,6 +179,19 @@ class Transformer(nn.Module):
         return x
 
 
+def conv_stem(channels):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better",
+    https://arxiv.org/abs/2106.14881, section 3): 3x3 stride-2 convolutions, each followed by BatchNorm and ReLU,
+    in place of most of the patchify stem. Neighbouring windows overlap, so an edge or a corner looks the same
+    wherever it falls, which a patchify stem has to learn for every offset in its patch; small ViTs then learn
+    shapes in far fewer steps. OpenAI's released CLIPs have none (channels []: an empty, do-nothing stem)."""
+    layers, c_in = [], 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2020) as used by CLIP: patches -> [class] + patches -> Transformer -> class token."""
 
@@ -182,8 +200,10 @@ class VisionTransformer(nn.Module):
         self.image_size = cfg.image_size
         width, grid = cfg.width, cfg.image_size // cfg.patch_size
         scale = width ** -0.5
+        self.stem = conv_stem(cfg.stem_channels)  # (B, 3, H, W) -> (B, C, H / 2**n, W / 2**n); empty: unchanged
         # a stride-p convolution is the "linear projection of flattened patches"; CLIP uses no bias here
-        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        p = cfg.patch_size // 2 ** len(cfg.stem_channels)  # after a stem, the rest of a patch's stride
+        self.conv1 = nn.Conv2d(([3] + cfg.stem_channels)[-1], width, kernel_size=p, stride=p, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)  # CLIP adds this LayerNorm before the Transformer (section 2.4)
@@ -195,7 +215,7 @@ class VisionTransformer(nn.Module):
         """Images -> the Transformer's input tokens (B, 1 + g*g, width). positional_embedding (1 + g*g, width) replaces
         self.positional_embedding: AA-CLIP runs a 336-px CLIP at 518 px with a table it resized once (aa_clip.py)."""
         pos = self.positional_embedding if positional_embedding is None else positional_embedding
-        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, width, g, g)
+        x = self.conv1(self.stem(x.to(self.conv1.weight.dtype)))  # (B, width, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + g*g, width)
@@ -305,12 +325,15 @@ def infer_config(sd, quick_gelu=False, source="state dict"):
     if missing:
         raise CheckpointError(f"{source}: cannot infer the architecture: missing {missing} "
                               "(is this a ViT CLIP checkpoint?)")
-    vw, _, patch, _ = sd["visual.conv1.weight"].shape  # (width, 3, patch, patch)
+    stem = [sd[k].shape[0] for k in sorted((k for k in sd if k.startswith("visual.stem.") and sd[k].ndim == 4),
+                                            key=lambda k: int(k.split(".")[2]))]  # each conv (C_out, C_in, 3, 3)
+    vw, _, patch, _ = sd["visual.conv1.weight"].shape  # (width, 3 or the stem's channels, patch, patch)
+    patch *= 2 ** len(stem)  # each stem convolution halves the image
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # (1 + grid*grid, width)
     vocab, tw = sd["token_embedding.weight"].shape
     try:
         vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
-                              patch_size=patch, head_width=64,
+                              patch_size=patch, head_width=64, stem_channels=stem,
                               mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
         text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
                           heads=tw // 64, layers=count_layers("transformer.resblocks."),

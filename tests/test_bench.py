@@ -54,6 +54,19 @@ def test_clip_flops_equal_pytorchs_count():
     assert counted_flops(step) == pytest.approx(3 * batch * clip_flops(TINY), rel=0.05)
 
 
+def test_clip_flops_count_the_conv_stem():
+    """The stem's 3x3 stride-2 convolutions and the smaller patch projection after them, as PyTorch counts them
+    (BatchNorm and ReLU are not matmuls: neither counts them)."""
+    stem = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=1, width=64, patch_size=8,
+                                                        head_width=32, stem_channels=[8, 16]),
+                      text=TINY.text)
+    convs = 2 * 16 * 16 * 9 * 3 * 8 + 2 * 8 * 8 * 9 * 8 * 16  # 32 -> 16 -> 8 pixels a side
+    assert clip_flops(stem, text=False) == convs + 2 * 16 * 16 * 4 * 64 + transformer_flops(64, 1, 17) + 2 * 64 * 16
+    with torch.no_grad():
+        images = torch.randn(2, 3, 32, 32)
+        assert counted_flops(lambda: CLIP(stem).eval().encode_image(images)) == 2 * clip_flops(stem, text=False)
+
+
 def test_time_pair_alternates_and_ratio_reports_median_and_range():
     calls = []
     times = bench.time_pair({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)

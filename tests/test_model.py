@@ -234,3 +234,33 @@ def test_scratch_model_shapes():
     assert i.shape == t.shape == (3, 64) and abs(s.item() - 1 / 0.07) < 1e-4
     with pytest.raises(ValueError, match="images must be"):
         model.encode_image(torch.randn(1, 3, 64, 64))
+
+
+def stem_config(channels=(8, 16)):
+    return CLIPConfig.from_dict({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                 "patch_size": 8, "stem_channels": list(channels)},
+                                 "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 64, "heads": 1,
+                                              "layers": 1}})
+
+
+def test_conv_stem_shapes_and_round_trip(tmp_path):
+    """Two stride-2 convolutions then a 2x2 patch projection: the same 4x4 token grid as 8x8 patches; the stem's
+    channels and the patch size are read back from the tensor shapes, and a saved model loads with equal outputs."""
+    torch.manual_seed(0)
+    model = CLIP(stem_config()).eval()
+    assert model.visual.conv1.weight.shape == (64, 16, 2, 2)
+    assert model.visual.embed(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 4 * 4, 64)
+    inferred = infer_config(model.state_dict())
+    assert inferred.vision.stem_channels == [8, 16] and inferred.vision.patch_size == 8
+    model.visual.stem[1].running_mean.add_(0.5)  # BatchNorm statistics are part of the checkpoint
+    save_checkpoint(tmp_path / "stem.pt", model)
+    loaded = load_checkpoint(tmp_path / "stem.pt")
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+
+
+def test_no_stem_is_plain_clip():
+    plain = CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
+    assert plain.vision.stem_channels == [] and len(CLIP(plain).visual.stem) == 0
+    with pytest.raises(ValueError, match="stem_channels.*patch_size divisible by 16, got 8"):
+        stem_config((4, 4, 4, 4))
