@@ -14,7 +14,7 @@ import torch
 from checkpoints import load_checkpoint
 from model import CLIP, CLIPConfig
 from oracles import ROOT
-from train import clip_loss, configure_optimizer, get_lr, train_step
+from train import clip_loss, configure_optimizer, get_args, get_lr, train_step
 
 XS = str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
 
@@ -55,6 +55,23 @@ def test_weight_decay_groups():
             "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"} <= no_decay
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in no_decay
     assert "token_embedding.weight" not in no_decay
+
+
+def test_text_tower_learning_rate_scale():
+    """text_lr_scale splits each weight-decay group by tower; the image tower and the temperature keep scale 1,
+    every parameter is in exactly one group, and train.py's default is 0.1 only from scratch."""
+    model = CLIP(CLIPConfig.from_json(XS))
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = configure_optimizer(model, 1e-3, 0.1, text_lr_scale=0.1)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in opt.param_groups] == [(1.0, 0.1), (1.0, 0.0), (0.1, 0.1),
+                                                                             (0.1, 0.0)]
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert len(scale) == sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert scale["logit_scale"] == scale["visual.conv1.weight"] == 1.0
+    assert scale["token_embedding.weight"] == scale["transformer.resblocks.0.attn.in_proj_weight"] == 0.1
+    assert len(configure_optimizer(model, 1e-3, 0.1).param_groups) == 2  # scale 1: the groups runs saved before
+    assert get_args([]).text_lr_scale == 0.1 and get_args(["--init", "x.pt"]).text_lr_scale == 1.0
+    assert get_args(["--init", "x.pt", "--text-lr-scale", "0.5"]).text_lr_scale == 0.5
 
 
 def test_non_finite_loss_skips_the_step():
