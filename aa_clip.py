@@ -53,7 +53,7 @@ from anomaly_data import (augmentation, ensure_anomaly_shapes, list_categories, 
                           split_train_val)
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
 from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
-from model import CheckpointError
+from model import CheckpointError, CLIPConfig
 from run_state import lock_run_dir
 from runtime import autocast_context, error_line, pick_device, plain_warnings, precision_line, PRECISIONS
 from tokenizer import tokenize
@@ -603,7 +603,7 @@ def load(path, init=None, img_size=None, device="cpu", precision="fp32"):
         raise FileNotFoundError(f"{path} adapts the CLIP {base}, which is not there: pass --init PATH to it")
     clip = load_checkpoint(base)
     same = fingerprint(clip) == saved.get("clip_fingerprint", fingerprint(clip))
-    if clip.config.to_dict() != saved["clip_config"] or not same:
+    if clip.config != CLIPConfig.from_dict(saved["clip_config"]) or not same:  # from_dict: later keys get defaults
         raise CheckpointError(f"{base} is not the CLIP {path} was trained on (its weights differ); pass --init")
     cfg = AAConfig(**saved["aa_config"])
     if img_size and img_size != cfg.img_size:

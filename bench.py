@@ -70,6 +70,8 @@ def open_clip_pair(name):
     sys.path.insert(0, str(ROOT / "tests"))
     from oracles import openclip_model
     cfg = config_dict(name)
+    if cfg["vision_cfg"].pop("stem_channels"):  # open_clip's ViT has no convolutional stem: compare both without it
+        print(f"note: {name} is compared without its conv stem (open_clip's ViT has none): the same patchify model")
     try:
         reference = openclip_model(cfg, seed=0)
     except ImportError:
@@ -236,7 +238,7 @@ def bench_model(args):
     rows = []
     for name, batch in MODEL_RUNS:
         ours, ref = open_clip_pair(name)
-        cfg = CLIPConfig.from_dict(config_dict(name))
+        cfg = ours.config  # what both run (no conv stem)
         images, tokens = random_inputs(config_dict(name), batch)
         flops = {"encode_image": batch * clip_flops(cfg, text=False),
                  "encode_text": batch * clip_flops(cfg, image=False, text_length=caption_length(tokens))}
@@ -270,10 +272,11 @@ def bench_train(args):
     print("\n== train: forward + clip_loss + backward + AdamW step, model.py vs open_clip, CPU ==")
     rows = []
     for name, batch in TRAIN_RUNS:
-        cfg = CLIPConfig.from_dict(config_dict(name))
+        pair = open_clip_pair(name)
+        cfg = pair[0].config  # what both run (no conv stem)
         images, tokens = random_inputs(config_dict(name), batch)
         fns, first = {}, {}  # first: each function's first loss (ours and open_clip have had the same steps before)
-        for key, model in zip(("ours", "open_clip"), open_clip_pair(name)):
+        for key, model in zip(("ours", "open_clip"), pair):
             opt = torch.optim.AdamW(model.train().parameters(), lr=1e-5)  # one per model, for all precisions
             for p in args.precisions:
                 step = make_train_step(model, opt, images, tokens, p)

@@ -73,9 +73,12 @@ def get_pairs(word):
 
 
 def clean(text):
-    text = ftfy.fix_text(text)  # repair mojibake ("cafÃ©" -> "café") and normalise unicode
-    text = html.unescape(html.unescape(text)).strip()  # twice, for doubly escaped "&amp;amp;"
-    return " ".join(text.split()).lower()  # str.split() collapses every unicode whitespace run
+    # printable ASCII without "&" is what every training caption is, and neither step below can change it (ftfy
+    # repairs non-ASCII text and control characters, html.unescape entities): skip them, ftfy is slow
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        text = ftfy.fix_text(text)  # repair mojibake ("cafÃ©" -> "café") and normalise unicode
+        text = html.unescape(html.unescape(text))  # twice, for doubly escaped "&amp;amp;"
+    return " ".join(text.split()).lower()  # str.split() collapses every unicode whitespace run (and strips)
 
 
 def read_merges(path):
