@@ -109,10 +109,11 @@ def transformer_flops(width, layers, length, mlp_ratio=4.0):
 
 
 def clip_flops(cfg, image=True, text=True, text_length=None):
-    """Forward FLOPs of one image and/or one caption through CLIP (a CLIPConfig): the convolutional stem, if any, the
-    patch embedding (a stride-p convolution: 2 * patches * 3p^2 * D without a stem), the Transformer (transformer_flops, class token included) and the final
-    projection; the text tower at text_length tokens (default: its context length). A training step is ~3x this
-    (the backward pass computes two products for each one of the forward)."""
+    """Forward FLOPs of one image and/or one caption through CLIP (a CLIPConfig): the convolutional stem, if any,
+    the patch embedding (a stride-p convolution: 2 * patches * 3p^2 * D without a stem), the Transformer
+    (transformer_flops, class token included) and the final projection; the text tower at text_length tokens
+    (default: its context length). A training step is ~3x this (the backward pass computes two products for each
+    one of the forward)."""
     flops = 0
     if image:
         v = cfg.vision

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from checkpoints import save_checkpoint, torch_load
 from model import CheckpointError
 
+# what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
-            "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale")  # what defines a run: --resume takes them
+            "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale")
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
 

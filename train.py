@@ -231,8 +231,8 @@ def train_loader(args, records, images, config, device, rank, world, data):
     sampler = EpochSampler(len(dataset), args.seed, group=minimal_pair_group(data, records, args.batch_size))
     batches = ShardedBatches(sampler, args.batch_size, rank, world)
     # on a 2-core CPU, workers decoding beside the training matmuls slow every step (64x64 Shapes, batch 128:
-    # 186 samples/s decoding here, 161 with 2 workers), so the choice is evaluate.py's, by image size and free cores
-    workers = loader_workers(args.workers, dataset, device, free_cores() if args.workers is None else 0)
+    # 105-130 samples/s decoding here, 76-84 with 2 workers), so evaluate.py's choice: by image size and free cores
+    workers = loader_workers(args.workers, dataset, device, free_cores())
     if len(batches) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one global batch of {args.batch_size * world}")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad,
