@@ -30,6 +30,7 @@ tutorial_features / tutorial_search below).
 import argparse
 import copy
 import json
+import logging
 import os
 import platform
 import statistics
@@ -436,6 +437,9 @@ def bench_compile(args):
         print(f"torch.compile does not work here, section skipped: {problem}")
         return
     print(f"torch.compile works: a tiny function took {seconds:.0f} s (mostly inductor's one-time start-up)")
+    # the text tower's int(eot.max()) (dropping the padding) is a graph break by design: dynamo's warning about it,
+    # repeated for every config, would bury the table
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     rows = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for p in precisions_for(device, args.precision):
