@@ -30,6 +30,10 @@ with chance at 50%. Their explanation: retrieval benchmarks, and the contrastive
 solved without word order, so CLIP learns a bag of words; their fix, NegCLIP, trains with such swapped captions as
 hard negatives.
 
+For shape, colour, size and position the table adds an image readout (image_readout): a linear classifier
+fitted on the image features of other scenes (READOUT_SEED) predicts the attribute without any caption, so a
+failure can be placed in the image tower (readout low too) or on the text side (readout high).
+
 Pair scenes always hold two objects of different colours and different shapes, so a swap changes the caption and
 makes it false. Accuracy is the share of scenes whose true caption scores strictly highest (a tie is wrong, so a
 model that cannot tell the candidates apart scores 0, not chance); chance is 100 / number of candidates.
@@ -53,6 +57,7 @@ from transform import image_transform
 
 PROBE_SEED = 1234  # the reported probe; no dataset is drawn from it (Shapes: 0, the few-shot set: 1)
 PROBE_VAL_SEED = 4321  # the probe's validation scenes: settings are chosen on these, never on PROBE_SEED's
+READOUT_SEED = 5678  # the scenes the image readout is fitted on (image_readout), for either of the two above
 STYLE, IMAGE_SIZE = "default", 64  # the training domain
 # the drawn tasks; add new ones at the end: a task's index is part of its scenes' seeds
 TASKS = ["shape", "colour", "size", "position", "count", "binding", "relation_lr", "relation_ab"]
@@ -222,6 +227,32 @@ def encode_texts(model, captions, device, ctx, batch_size):
     return torch.cat(features)
 
 
+def ridge_readout(x, y, num_classes, test_x, l2=1.0):
+    """A least-squares linear classifier (scikit-learn's RidgeClassifier): the weights W (D + 1, K) that map the
+    features, with a constant 1 appended, closest to the one-hot labels, with l2 * ||W||^2 added; closed form, so it
+    needs no iterations and no tuning loop. x (N, D), y (N,), test_x (M, D) -> predicted classes (M,)."""
+    ones = lambda t: torch.cat([t.double(), torch.ones(len(t), 1, dtype=torch.float64)], dim=1)  # (N, D + 1)
+    a, targets = ones(x), F.one_hot(y, num_classes).double()  # (N, D + 1), (N, K)
+    w = torch.linalg.solve(a.T @ a + l2 * torch.eye(a.shape[1], dtype=torch.float64), a.T @ targets)  # (D + 1, K)
+    return (ones(test_x) @ w).argmax(dim=-1)
+
+
+def image_readout(model, features, device, ctx, n, batch_size):
+    """Does the image feature hold an attribute at all, whatever the text tower makes of its words? For shape,
+    colour, size and position: a linear classifier (ridge_readout) fitted on the image features of n scenes drawn
+    from READOUT_SEED, scored on the task's probe scenes, whose features (n, D) are given -> {task: accuracy %}.
+    No caption is involved. A low zero-shot score with a high readout: the image tower sees the attribute and the
+    text side loses it; both low: the image tower never learned it."""
+    readout = {}
+    for task, values in ATTRIBUTES.items():
+        x = encode_images(model, probe_images(task, n, READOUT_SEED), device, ctx, batch_size)  # (n, D)
+        y = torch.tensor([q.answer for q in probe_questions(task, n, READOUT_SEED)])  # each scene's value
+        test_x, test_q = features[task]
+        guess = ridge_readout(x, y, len(values), test_x)  # (n,)
+        readout[task] = 100 * float((guess == torch.tensor([q.answer for q in test_q])).float().mean())
+    return readout
+
+
 def run_probe(model, device=None, precision="auto", n=200, seed=PROBE_SEED, batch_size=256):
     """Every task on n new scenes -> {row: {"accuracy": %, "chance": %, "n": scenes}} (rows: ROWS; the relation
     row is the mean of relation_lr and relation_ab over their 2n scenes). device: where the model is (default:
@@ -242,22 +273,25 @@ def run_probe(model, device=None, precision="auto", n=200, seed=PROBE_SEED, batc
     try:
         image_features = encode_images(model, images, device, ctx, batch_size)  # (8n, D), tasks in TASKS order
         text_features = encode_texts(model, captions, device, ctx, batch_size)  # (C, D)
+        per_task = dict(zip(TASKS, zip(image_features.split(n), questions.values())))  # task -> ((n, D), Questions)
+        readout = image_readout(model, per_task, device, ctx, n, batch_size)
     finally:
         model.train(was_training)
     row = {c: i for i, c in enumerate(captions)}
-    scores, i = {}, 0
-    for task, qs in questions.items():
-        scores[task] = [text_features[[row[c] for c in q.candidates]] @ image_features[i + k]  # (candidates,)
-                        for k, q in enumerate(qs)]
-        i += len(qs)
-    return probe_results(questions, scores)
+    scores = {task: [text_features[[row[c] for c in q.candidates]] @ x  # (candidates,)
+                     for x, q in zip(*per_task[task])] for task in TASKS}
+    results = probe_results(questions, scores)
+    for task, acc in readout.items():
+        results[task]["image_readout"] = acc
+    return results
 
 
 def format_probe(results):
-    """The results as a table: task, scenes, chance %, accuracy %."""
-    lines = [f"{'probe task':<12} {'n':>5} {'chance %':>9} {'accuracy %':>11}"]
+    """The results as a table: task, scenes, chance %, accuracy %, and the image readout % where there is one."""
+    lines = [f"{'probe task':<12} {'n':>5} {'chance %':>9} {'accuracy %':>11} {'image readout %':>16}"]
     for task, r in results.items():
-        lines.append(f"{task:<12} {r['n']:>5} {r['chance']:>9.2f} {r['accuracy']:>11.2f}")
+        readout = f"{r['image_readout']:>16.2f}" if "image_readout" in r else f"{'-':>16}"
+        lines.append(f"{task:<12} {r['n']:>5} {r['chance']:>9.2f} {r['accuracy']:>11.2f} {readout}")
     return "\n".join(lines)
 
 

@@ -219,8 +219,10 @@ def test_run_probe_on_a_tiny_random_model(tiny):
         assert 0 <= r["accuracy"] <= 100 and r["chance"] == CHANCE[task]
         assert r["n"] == (12 if task == "relation" else 6)
     assert results == run_probe(tiny.eval(), n=6, batch_size=1000)  # batching changes nothing
+    assert {task for task, r in results.items() if "image_readout" in r} == set(probe.ATTRIBUTES)
+    assert all(0 <= r.get("image_readout", 0) <= 100 for r in results.values())
     table = probe.format_probe(results)
-    assert len(table.splitlines()) == 1 + len(probe.ROWS) and "relation_ab" in table
+    assert len(table.splitlines()) == 1 + len(probe.ROWS) and "relation_ab" in table and "image readout" in table
     assert "shape" in probe.probe_summary(results)
 
 
@@ -238,6 +240,36 @@ def test_run_probe_scores_are_the_cosines_computed_by_hand(tiny, monkeypatch):
                 i = tiny.encode_image(image_transform(32)(image)[None], normalize=True)  # (1, D)
                 t = tiny.encode_text(tokenize(q.candidates, 32), normalize=True)  # (C, D)
             assert torch.allclose(scores, (i @ t.T)[0], atol=1e-5)
+
+
+def test_ridge_readout_separates_what_is_linearly_separable_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(5, 16, generator=g)
+    y = torch.arange(200) % 5
+    x = centres[y] + torch.randn(200, 16, generator=g)  # five well separated clusters
+    test_y = torch.arange(100) % 5
+    test_x = centres[test_y] + torch.randn(100, 16, generator=g)
+    assert torch.equal(probe.ridge_readout(x, y, 5, test_x), test_y)
+    noise = torch.randn(200, 16, generator=g)  # labels unrelated to the features: about chance (20%)
+    guess = probe.ridge_readout(noise, y, 5, torch.randn(1000, 16, generator=g))
+    assert 0.1 < (guess == torch.arange(1000) % 5).float().mean() < 0.3
+
+
+def test_image_readout_sees_what_the_image_features_hold(tiny, monkeypatch):
+    """With image features that are the one-hot of the scene's shape (a perfect image tower for shape, blind to the
+    rest), the readout is 100% on shape and about chance on colour, whatever the text tower does."""
+    scenes = {}
+    for seed in (probe.PROBE_SEED, probe.READOUT_SEED):
+        for task in probe.ATTRIBUTES:
+            for q, image in zip(probe_questions(task, 40, seed), probe_images(task, 40, seed)):
+                scenes[id(image)] = q.scene
+    shape_of = lambda image: synthetic.SHAPES.index(scenes[id(image)]["objects"][0]["shape"])
+    monkeypatch.setattr(probe, "encode_images", lambda model, images, *a: torch.nn.functional.one_hot(
+        torch.tensor([shape_of(im) for im in images]), 32).float())  # (N, embed_dim 32)
+    monkeypatch.setattr(probe, "TASKS", list(probe.ATTRIBUTES))  # single-object scenes only
+    results = run_probe(tiny, n=40)
+    assert results["shape"]["image_readout"] == 100
+    assert results["colour"]["image_readout"] < 50
 
 
 def test_a_model_that_cannot_tell_captions_apart_scores_0(tiny):
