@@ -69,7 +69,12 @@ def read_run_checkpoint(path):
 
 def restore_state(ckpt, model, optimizer, scaler):
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # e.g. saved by an edited train.py whose settings made other parameter groups
+        raise ValueError(f"--resume: the checkpoint's optimizer state does not fit this run's optimizer ({e}); it "
+                         "was saved by another version of train.py or with other settings: start a new run from its "
+                         "weights with --init OUT/last.pt --out NEW_OUT") from e
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])

@@ -226,6 +226,18 @@ def test_resume_keeps_save_every_and_notices_an_edited_caption_file(data, tmp_pa
     assert str(caption_file) in message and "changed" in message
 
 
+def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(data, tmp_path):
+    """A checkpoint whose optimizer has other parameter groups than this run builds (here: a text-lr-scale run saved
+    without the key, as an edited train.py would write it) is refused with what to do, not torch's bare error."""
+    out = tmp_path / "run"
+    train.main(argv(data, out, "--val-split", "", "--test-split", "", "--text-lr-scale", "0.1", steps=2))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["args"]["text_lr_scale"]  # resumes with 1.0: two parameter groups where the state has four
+    torch.save(ckpt, out / "last.pt")
+    message = error_of(argv(data, out, "--resume", steps=4))
+    assert "optimizer state does not fit" in message and "--init" in message
+
+
 def test_config_with_a_checkpoint_is_checked_against_it(data, tmp_path):
     train.main(argv(data, tmp_path / "a", "--val-split", "", "--test-split", "", steps=2))
     other = ROOT / "model_configs" / "MiniCLIP-S-64px.json"
