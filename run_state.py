@@ -23,8 +23,10 @@ from model import CheckpointError
 
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
-            "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale")
-BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0}  # the value a run saved before that key existed had
+            "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
+            "negative_kinds", "hard_negative_weight")
+BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
+              "hard_negative_weight": 0.0}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
 
 

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,19 +31,28 @@ from adapters import METHODS as FEW_SHOT_METHODS
 from checkpoints import load_checkpoint
 from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler,
                   minimal_pair_group, read_captions, ShardedBatches)
-from evaluate import free_cores, loader_workers
+from evaluate import first_image_pixels, free_cores, loader_workers
 from model import CheckpointError, CLIP, CLIPConfig
-from negatives import sample_negatives
+from negatives import KINDS, sample_negatives
 from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
                        StopRequest, trim_metrics)
 from runtime import (autocast_context, equalise_batch, error_line, int_at_least, log_metrics, pick_device,
                      plain_warnings, precision_line, PRECISIONS, setup_distributed)
 from trainer import get_lr
-from transform import ImageLoadError, image_transform
+from transform import ImageLoadError, train_augment
 
 ROOT = Path(__file__).resolve().parent
+CACHE_BYTES = 2 ** 30  # training images whose decoded pixels fit in 1 GiB are kept in memory (Shapes: 123 MB)
 MAX_BAD_SHARE = 0.2  # stop when more than this share of the training images read so far cannot be decoded
 METHODS = ["aa-clip"] + FEW_SHOT_METHODS  # --method M: aa_clip.py's or adapters.py's, with the other arguments
+
+
+def negative_kinds(text):
+    """The --negative-kinds flag: a comma-separated list of negatives.KINDS, checked, returned as given."""
+    unknown = [k for k in text.split(",") if k not in KINDS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {unknown or [text]}; choose from {','.join(KINDS)}")
+    return text
 
 
 def get_args(argv=None):
@@ -78,6 +88,11 @@ def get_args(argv=None):
                    help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
     p.add_argument("--hard-negatives", type=int_at_least(0), default=2,
                    help="NegCLIP hard-negative captions per image (negatives.py; 0: plain CLIP loss)")
+    p.add_argument("--negative-kinds", type=negative_kinds, default="shape,binding,order,place",
+                   help=f"which changes make the hard negatives, comma-separated, from {','.join(KINDS)} (colour and "
+                   "size are left out by default: a random batch already tells those apart)")
+    p.add_argument("--hard-negative-weight", type=float, default=2.0,
+                   help="weight of hard_negative_loss, each image against its own hard negatives only (0: off)")
     p.add_argument("--save-every", type=int_at_least(1), default=200,
                    help="steps between checkpoints (also saved before each evaluation and at the end)")
     p.add_argument("--eval-every", type=int_at_least(0), default=150,
@@ -110,6 +125,21 @@ def clip_loss(image_features, text_features, logit_scale, negative_features=None
         logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N)
     labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def hard_negative_loss(image_features, text_features, negative_features, negative_valid, logit_scale):
+    """Each image against its own caption and its own K hard negatives only: cross-entropy over 1 + K scaled cosines,
+    the true caption at index 0 (the "negatives loss" of SVLC, Doveh et al. 2023, "Teaching Structured
+    Vision&Language Concepts to Vision&Language Models", section 3.3). In clip_loss those K captions are a few of
+    B + B*K columns and every easy column dilutes them; here they are all there is, so the only way down is to rank
+    "a red star left of a blue circle" above "a blue circle left of a red star" for this image. Features are
+    L2-normalised: image (B, D), caption (B, D), negatives (B, K, D); negative_valid (B, K) masks missing ones."""
+    positive = (image_features * text_features).sum(dim=-1, keepdim=True)  # (B, 1)
+    negative = torch.einsum("bd,bkd->bk", image_features, negative_features)  # (B, K)
+    logits = logit_scale * torch.cat([positive, negative], dim=1)  # (B, 1 + K)
+    logits[:, 1:] = logits[:, 1:].masked_fill(~negative_valid, float("-inf"))
+    labels = torch.zeros(image_features.shape[0], dtype=torch.long, device=image_features.device)
+    return F.cross_entropy(logits, labels)
 
 
 def gather_with_grad(x):
@@ -147,22 +177,29 @@ def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
-def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip):
+def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0):
     """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
     finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
-    negatives per caption after the true one (all-zero rows: none)."""
+    negatives per caption after the true one (all-zero rows: none), which also add hard_negative_weight times
+    hard_negative_loss."""
     B = images.shape[0]
     captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
     with ctx:  # the towers run under autocast; the loss below is computed in fp32
         image_features, text_features, logit_scale = model(images, captions)
     image_features, text_features = gather_with_grad(image_features.float()), text_features.float()
+    logit_scale = logit_scale.float()
     if tokens.ndim == 2:
-        loss = clip_loss(image_features, gather_with_grad(text_features), logit_scale.float())
+        loss = clip_loss(image_features, gather_with_grad(text_features), logit_scale)
     else:
         text_features = text_features.view(B, tokens.shape[1], -1)  # (B, 1 + K, D)
-        negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (B * K, D)
-        valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (B * K,)
-        loss = clip_loss(image_features, gather_with_grad(text_features[:, 0]), logit_scale.float(), negatives, valid)
+        positives = gather_with_grad(text_features[:, 0])  # (world * B, D)
+        negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (world * B * K, D)
+        valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (world * B * K,)
+        loss = clip_loss(image_features, positives, logit_scale, negatives, valid)
+        if hard_negative_weight:
+            K = tokens.shape[1] - 1
+            own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
+            loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
     if not torch.isfinite(loss):  # skip: one bad batch must not poison the weights
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), None
@@ -225,14 +262,18 @@ def train_loader(args, records, images, config, device, rank, world, data):
     truncated = count_truncated(records, config.text.context_length)
     if truncated:
         print(f"note: {truncated} captions are longer than {config.text.context_length} tokens and will be truncated")
-    dataset = CaptionTrainDataset(records, images, image_transform(config.vision.image_size, is_train=True),
+    dataset = CaptionTrainDataset(records, images, train_augment(config.vision.image_size),
                                   config.text.context_length, args.seed,
-                                  sample_negatives if args.hard_negatives else None, args.hard_negatives)
+                                  partial(sample_negatives, kinds=args.negative_kinds.split(",")) if args.hard_negatives
+                                  else None, args.hard_negatives)
     sampler = EpochSampler(len(dataset), args.seed, group=minimal_pair_group(data, records, args.batch_size))
     batches = ShardedBatches(sampler, args.batch_size, rank, world)
     # on a 2-core CPU, workers decoding beside the training matmuls slow every step (64x64 Shapes, batch 128:
     # 105-130 samples/s decoding here, 76-84 with 2 workers), so evaluate.py's choice: by image size and free cores
     workers = loader_workers(args.workers, dataset, device, free_cores())
+    pixels = first_image_pixels(dataset)
+    if workers == 0 and pixels and 3 * pixels * len(dataset) <= CACHE_BYTES:  # decode each image once, keep it
+        dataset.cache = {}
     if len(batches) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one global batch of {args.batch_size * world}")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad,
@@ -348,7 +389,8 @@ def train(args, argv=()):
                 lr = get_lr(step, args.lr, args.warmup, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before lr_scale: 1
-                loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip)
+                loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip,
+                                             args.hard_negative_weight)
                 step += 1
                 if grad_norm is None:  # a non-finite step was skipped; five in a row stop the run
                     non_finite += 1

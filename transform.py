@@ -4,7 +4,8 @@ CLIP image preprocessing: a PIL image in, a normalised (3, size, size) tensor ou
 Two pieces:
 1) image_transform(): the reference pipeline, step for step. At eval time this is
    Resize(shortest side, bicubic) -> CenterCrop -> RGB -> ToTensor -> Normalize,
-   the same as `_transform` in openai/CLIP and `image_transform` in open_clip.
+   the same as `_transform` in openai/CLIP and `image_transform` in open_clip. Training
+   (train_augment) works on uint8 tensors, so a small dataset can be decoded once and kept.
 2) load_image(): opens a file safely and returns a clean RGB image. It adds the
    checks that the reference leaves to the caller (transparency, 16-bit, corrupt files).
 
@@ -17,9 +18,10 @@ References:
 """
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize,
-                                    RandomResizedCrop, Resize, ToTensor)
+from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize, PILToTensor,
+                                    Resize, ToTensor, v2)
 
 # Per-channel mean and std of OpenAI's training images (not the ImageNet values).
 # Pretrained CLIP weights expect exactly these; see openai/CLIP issue #20.
@@ -33,27 +35,33 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def train_augment(image_size, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """Training augmentation of a uint8 (3, H, W) RGB tensor -> a normalised float (3, size, size) tensor. The CLIP
+    paper: "A random square crop from resized images is the only data augmentation used during training"; the crop
+    covers 90-100% of the image (open_clip's default scale range), resized with bicubic interpolation and
+    antialiasing like PIL's. On tensors rather than PIL images: a 64-pixel image takes ~0.2 ms here instead of
+    ~0.7 ms, and the decoded images of a small dataset can be kept in memory (data.CaptionTrainDataset)."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),  # [0, 255] -> [0, 1]
+        v2.Normalize(mean, std),  # (x - mean) / std per channel
+    ])
+
+
 def image_transform(image_size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD):
-    """Build the preprocessing for square `image_size` inputs (224 for ViT-B/32)."""
+    """Build the preprocessing of a PIL image for square `image_size` inputs (224 for ViT-B/32). is_train: the
+    random crop of train_augment; eval is deterministic: the whole short side, centred."""
     if is_train:
-        # The two pipelines differ on purpose. Training takes a random crop covering 90-100%
-        # of the image (the CLIP paper: "A random square crop from resized images is the only
-        # data augmentation used during training"; the scale range is open_clip's default).
-        # Eval is deterministic: the whole short side, centred.
-        first_steps = [RandomResizedCrop(image_size, scale=(0.9, 1.0),
-                                         interpolation=InterpolationMode.BICUBIC)]
-    else:
-        first_steps = [
-            Resize(image_size, interpolation=InterpolationMode.BICUBIC),  # shortest side -> image_size
-            CenterCrop(image_size),                                       # (image_size, image_size)
-        ]
+        return Compose([to_rgb, PILToTensor(), train_augment(image_size, mean, std)])
     # As in the reference, the RGB conversion comes AFTER the resize and crop, so PIL resizes
     # in the original mode. We keep that order to match the reference to the last bit, quirks
     # included: "P" and "1" images are resized with NEAREST (PIL ignores bicubic for them),
     # RGBA/LA are resized premultiplied (so transparent pixels turn black whenever a resize
     # happens) and 16-bit images are clipped at 255, not scaled. load_image() avoids all of
     # this by giving the transform a clean RGB image, for which to_rgb does nothing.
-    return Compose(first_steps + [
+    return Compose([
+        Resize(image_size, interpolation=InterpolationMode.BICUBIC),  # shortest side -> image_size
+        CenterCrop(image_size),                                       # (image_size, image_size)
         to_rgb,
         ToTensor(),            # (3, H, W) float in [0, 1]
         Normalize(mean, std),  # (x - mean) / std per channel

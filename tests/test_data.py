@@ -14,7 +14,7 @@ from PIL import Image
 import synthetic
 from data import (BadSample, CaptionEvalDataset, CaptionTrainDataset, EpochSampler, Record, check_images,
                   collate_skip_bad, count_truncated, make_loader, read_captions)
-from transform import image_transform
+from transform import image_transform, train_augment
 
 
 def write(path, text):
@@ -117,7 +117,7 @@ def noise_images(tmp_path):
 
 def test_train_sample_is_pure_function_of_seed_epoch_index(noise_images):
     records, root = noise_images
-    ds = CaptionTrainDataset(records, root, image_transform(32, is_train=True), context_length=16, seed=7)
+    ds = CaptionTrainDataset(records, root, train_augment(32), context_length=16, seed=7)
     ds.set_epoch(3)
     torch.manual_seed(123)
     first = [ds[i] for i in range(6)]
@@ -136,8 +136,22 @@ def test_train_sample_is_pure_function_of_seed_epoch_index(noise_images):
     assert tuple(first[2][1].tolist()) in captions
 
 
+def test_cached_images_give_the_same_samples_without_reading_the_files_again(noise_images):
+    records, root = noise_images
+    plain = CaptionTrainDataset(records, root, train_augment(32), context_length=16, seed=3)
+    cached = CaptionTrainDataset(records, root, train_augment(32), context_length=16, seed=3, cache=True)
+    first = [cached[i] for i in range(6)]
+    for i in range(6):
+        assert torch.equal(plain[i][0], first[i][0]) and torch.equal(plain[i][1], first[i][1])  # same samples
+        (root / records[i].image).unlink()  # from now on only the cache has them
+    for i in range(6):
+        assert torch.equal(cached[i][0], first[i][0]) and torch.equal(cached[i][1], first[i][1])
+    assert isinstance(plain[0], BadSample)  # the uncached dataset reads the (now missing) file each time
+    assert cached[(1, 0)][0].shape == (3, 32, 32)  # another epoch: a new crop of the cached image
+
+
 def epochs_of_batches(records, root, workers, epochs=(0, 1), start=0):
-    ds = CaptionTrainDataset(records, root, image_transform(32, is_train=True), context_length=16, seed=1)
+    ds = CaptionTrainDataset(records, root, train_augment(32), context_length=16, seed=1)
     loader = make_loader(ds, batch_size=2, train=True, seed=5, workers=workers)
     out = []
     for epoch in epochs:
@@ -165,7 +179,7 @@ def test_corrupt_image_is_skipped_and_named(noise_images):
     good = (root / "0.png").read_bytes()
     (root / "1.png").write_bytes(good[: len(good) // 2])  # truncated PNG
     (root / "2.png").write_bytes(b"not an image at all")
-    ds = CaptionTrainDataset(records, root, image_transform(32, is_train=True), context_length=16)
+    ds = CaptionTrainDataset(records, root, train_augment(32), context_length=16)
     assert isinstance(ds[1], BadSample) and ds[1].path.endswith("1.png") and "1.png" in ds[1].error
     images, tokens, bad = collate_skip_bad([ds[i] for i in range(4)])
     assert images.shape == (2, 3, 32, 32) and tokens.shape == (2, 16)

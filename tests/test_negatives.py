@@ -1,5 +1,6 @@
 """negatives.py (NegCLIP-style hard-negative captions) and the hard-negative term of train.clip_loss."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from negatives import hard_negative, KINDS, sample_negatives, spans
 from synthetic import make_captions, sample_scene, STYLES
-from train import clip_loss
+from train import clip_loss, hard_negative_loss
 
 PAIR = "A small red circle to the left of a big blue star on a striped background."
 
@@ -117,6 +118,26 @@ def test_clip_loss_hard_negatives_are_extra_image_to_text_columns():
     expected = (F.cross_entropy(scale * img @ torch.cat([txt, neg[some]]).T, labels)
                 + F.cross_entropy(scale * txt @ img.T, labels)) / 2
     assert torch.allclose(clip_loss(img, txt, scale, neg, some), expected)
+
+
+def test_hard_negative_loss_is_each_image_against_its_own_negatives_only():
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(3, 16, generator=g), dim=-1) for _ in range(2))
+    neg = F.normalize(torch.randn(3, 2, 16, generator=g), dim=-1)  # (B, K, D)
+    scale, valid = torch.tensor(10.0), torch.tensor([[True, True], [True, False], [False, False]])
+    want = torch.stack([F.cross_entropy(scale * torch.cat([txt[i:i + 1], neg[i][valid[i]]]) @ img[i], torch.tensor(0))
+                        for i in range(3)]).mean()  # row i: its caption first, then its own valid negatives
+    assert torch.allclose(hard_negative_loss(img, txt, neg, valid, scale), want)
+    assert want > 0
+    # another image's negatives do not count: shuffling the negatives between images changes the loss
+    assert not torch.allclose(hard_negative_loss(img, txt, neg.roll(1, 0), valid, scale), want)
+    # an image whose negatives are all missing adds nothing (the row is a softmax over one candidate)
+    none_valid = torch.tensor([[False, False], [False, False], [False, False]])
+    assert hard_negative_loss(img, txt, neg, none_valid, scale) == 0
+    # a caption far above its negatives: loss near 0; the same caption as its negative: log(1 + K)
+    assert hard_negative_loss(img, img, -img[:, None].repeat(1, 2, 1), valid, torch.tensor(100.0)) < 1e-6
+    same = hard_negative_loss(img, txt, txt[:, None].repeat(1, 2, 1), torch.ones(3, 2, dtype=torch.bool), scale)
+    assert torch.allclose(same, torch.tensor(math.log(3.0)))
 
 
 def test_train_dataset_returns_the_caption_then_its_negatives(tmp_path):
