@@ -71,14 +71,14 @@ def get_args(argv=None):
     p.add_argument("--test-split", default=None, help="split evaluated once at the end ('' to skip; default: test, "
                    "if present)")
     p.add_argument("--out", default=str(ROOT / "out" / "shapes"), help="run directory: last.pt, metrics.jsonl, plot")
-    p.add_argument("--epochs", type=int_at_least(1), default=6, help="passes over the training split")
+    p.add_argument("--epochs", type=int_at_least(1), default=10, help="passes over the training split")
     p.add_argument("--max-steps", type=int_at_least(0), default=0, help="stop after this many steps (0: epochs decide)")
     p.add_argument("--batch-size", type=int_at_least(2), default=128,
                    help="per process, at least 2 (one pair has no negative); the loss sees batch-size x processes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only: see configure_optimizer)")
     p.add_argument("--text-lr-scale", type=float, default=None, help="the text tower's learning rate as a multiple "
-                   "of --lr (default: 0.1 from scratch, 1 from a checkpoint, where one rate for all is the norm)")
+                   "of --lr (default: 0.3 from scratch, 1 from a checkpoint, where one rate for all is the norm)")
     p.add_argument("--warmup", type=int_at_least(0), default=50, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
@@ -86,11 +86,11 @@ def get_args(argv=None):
                    help="DataLoader worker processes for training (default: evaluate.loader_workers' choice)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
-    p.add_argument("--hard-negatives", type=int_at_least(0), default=2,
+    p.add_argument("--hard-negatives", type=int_at_least(0), default=3,
                    help="NegCLIP hard-negative captions per image (negatives.py; 0: plain CLIP loss)")
-    p.add_argument("--negative-kinds", type=negative_kinds, default="shape,binding,order,place",
-                   help=f"which changes make the hard negatives, comma-separated, from {','.join(KINDS)} (colour and "
-                   "size are left out by default: a random batch already tells those apart)")
+    p.add_argument("--negative-kinds", type=negative_kinds, default="shape,size,binding,order,place",
+                   help=f"which changes make the hard negatives, comma-separated, from {','.join(KINDS)} (colour is "
+                   "left out by default: a random batch already tells colours apart)")
     p.add_argument("--hard-negative-weight", type=float, default=2.0,
                    help="weight of hard_negative_loss, each image against its own hard negatives only (0: off)")
     p.add_argument("--save-every", type=int_at_least(1), default=200,
@@ -102,7 +102,7 @@ def get_args(argv=None):
     p.add_argument("--method", choices=METHODS, default=None, help="adapt a pretrained CLIP instead (see below)")
     args = p.parse_args(argv)
     if args.text_lr_scale is None:  # from scratch a slower text tower learns more (README, the probe's ablation)
-        args.text_lr_scale = 0.1 if args.init == "scratch" else 1.0
+        args.text_lr_scale = 0.3 if args.init == "scratch" else 1.0
     return args
 
 

@@ -59,7 +59,7 @@ def test_weight_decay_groups():
 
 def test_text_tower_learning_rate_scale():
     """text_lr_scale splits each weight-decay group by tower; the image tower and the temperature keep scale 1,
-    every parameter is in exactly one group, and train.py's default is 0.1 only from scratch."""
+    every parameter is in exactly one group, and train.py's default is 0.3 only from scratch."""
     model = CLIP(CLIPConfig.from_json(XS))
     names = {id(p): n for n, p in model.named_parameters()}
     opt = configure_optimizer(model, 1e-3, 0.1, text_lr_scale=0.1)
@@ -70,7 +70,7 @@ def test_text_tower_learning_rate_scale():
     assert scale["logit_scale"] == scale["visual.conv1.weight"] == 1.0
     assert scale["token_embedding.weight"] == scale["transformer.resblocks.0.attn.in_proj_weight"] == 0.1
     assert len(configure_optimizer(model, 1e-3, 0.1).param_groups) == 2  # scale 1: the groups runs saved before
-    assert get_args([]).text_lr_scale == 0.1 and get_args(["--init", "x.pt"]).text_lr_scale == 1.0
+    assert get_args([]).text_lr_scale == 0.3 and get_args(["--init", "x.pt"]).text_lr_scale == 1.0
     assert get_args(["--init", "x.pt", "--text-lr-scale", "0.5"]).text_lr_scale == 0.5
 
 
