@@ -94,7 +94,8 @@ def make_few_shot(root, shots, seed, path):
     if path and Path(path).exists():
         split = json.loads(Path(path).read_text())
         if (split["root"], split["shots"], split["seed"]) != (str(root), shots, seed):
-            raise ValueError(f"{path} holds {split['shots']}-shot seed {split['seed']} of {split['root']}")
+            raise ValueError(f"{path} holds {split['shots']}-shot seed {split['seed']} of {split['root']}, not "
+                             f"{shots}-shot seed {seed} of {root}: pass another --out (or --split-file), or delete it")
         print(f"few-shot split reloaded from {path}")
         return split
     train = read_split(root, "train")

@@ -298,8 +298,8 @@ def test_few_shot_split_seeded_saved_reloaded(tiny, tmp_path):
     assert len(a["train"]) == 2 * 4 and len(a["val"]) == 2 * 4  # val = min(K, 4) per class
     assert json.loads((tmp_path / "a.json").read_text())["train"] == a["train"]
     assert fewshot.make_few_shot(str(data), 2, 1, tmp_path / "a.json")["train"] == a["train"]  # reloaded
-    with pytest.raises(ValueError):
-        fewshot.make_few_shot(str(data), 4, 1, tmp_path / "a.json")  # a file of another K is not silently reused
+    with pytest.raises(ValueError, match="pass another --out"):  # a file of another K is not silently reused
+        fewshot.make_few_shot(str(data), 4, 1, tmp_path / "a.json")
     k6 = fewshot.make_few_shot(str(data), 6, 1, None)
     assert len(k6["val"]) == 4 * 4  # val capped at 4 per class
 
