@@ -136,8 +136,8 @@ def hard_negative_loss(image_features, text_features, negative_features, negativ
     L2-normalised: image (B, D), caption (B, D), negatives (B, K, D); negative_valid (B, K) masks missing ones."""
     positive = (image_features * text_features).sum(dim=-1, keepdim=True)  # (B, 1)
     negative = torch.einsum("bd,bkd->bk", image_features, negative_features)  # (B, K)
-    logits = logit_scale * torch.cat([positive, negative], dim=1)  # (B, 1 + K)
-    logits[:, 1:] = logits[:, 1:].masked_fill(~negative_valid, float("-inf"))
+    present = F.pad(negative_valid, (1, 0), value=True)  # (B, 1 + K): the caption itself is always there
+    logits = (logit_scale * torch.cat([positive, negative], dim=1)).masked_fill(~present, float("-inf"))  # (B, 1 + K)
     labels = torch.zeros(image_features.shape[0], dtype=torch.long, device=image_features.device)
     return F.cross_entropy(logits, labels)
 
