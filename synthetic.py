@@ -498,15 +498,14 @@ def save_preview(json_path, out, n=10, split="test", scale=3):
     print(f"saved preview of {len(images)} {split} images to {out}")
 
 
-def ensure_fewshot_shapes(root=None, label="colour", n_train=640, n_val=160, n_test=960, seed=1):
+def ensure_fewshot_shapes(root=None, label="shape", n_train=640, n_val=160, n_test=960, seed=1):
     """The built-in few-shot classification task of adapters.py: an ImageFolder (ROOT/{train,val,test}/<class>/*.png)
     of the single-object images of the *shifted* style (other shades of the colour words, textured backgrounds,
-    outlined/striped fills, noise: nothing the default pretraining saw), one class per value of `label` ("colour" or
-    "shape", 8 classes each). Made once from ensure_shapes and cached under data/shapes_fewshot_<label>.
-    Why colour by default: the pretrained MiniCLIP-S this task was chosen for (6 epochs, no hard-negative loss)
-    separated the 8 colours perfectly on its own domain but did not encode shape (zero-shot and nearest-class-mean
-    shape accuracy ~15%, chance 12.5%), so a shape task left every frozen-feature method at chance. On the shifted
-    domain its colour zero-shot accuracy was ~70%."""
+    outlined/striped fills, noise: nothing the default pretraining saw), one class per value of `label` ("shape" or
+    "colour", 8 classes each). Made once from ensure_shapes and cached under data/shapes_fewshot_<label>.
+    The shape of an outlined, striped or noisy object is the harder transfer: the default model learnt shape from
+    solid shapes on six plain or patterned backgrounds. (The task was colour while the default model did not encode
+    shape at all: a shape task then left every frozen-feature method at chance.)"""
     root = Path(root) if root else DATA_DIR / f"shapes_fewshot_{label}"
     params = dict(label=label, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, classes=SHAPES + COLOURS)
     marker = root / "params.json"

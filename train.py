@@ -71,7 +71,7 @@ def get_args(argv=None):
     p.add_argument("--test-split", default=None, help="split evaluated once at the end ('' to skip; default: test, "
                    "if present)")
     p.add_argument("--out", default=str(ROOT / "out" / "shapes"), help="run directory: last.pt, metrics.jsonl, plot")
-    p.add_argument("--epochs", type=int_at_least(1), default=10, help="passes over the training split")
+    p.add_argument("--epochs", type=int_at_least(1), default=15, help="passes over the training split")
     p.add_argument("--max-steps", type=int_at_least(0), default=0, help="stop after this many steps (0: epochs decide)")
     p.add_argument("--batch-size", type=int_at_least(2), default=128,
                    help="per process, at least 2 (one pair has no negative); the loss sees batch-size x processes")
