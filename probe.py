@@ -42,6 +42,7 @@ model that cannot tell the candidates apart scores 0, not chance); chance is 100
     print(format_probe(run_probe(model)))      # or: python test.py probe --checkpoint out/shapes/last.pt
 """
 import copy
+from collections import Counter
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -179,14 +180,25 @@ def is_correct(scores, answer):
     return bool(scores[answer] > others.max())
 
 
+def mistakes(task, questions, scores):
+    """The wrong answers of an attribute task, most frequent first: {"circle->hexagon": 12, ...} (true -> chosen)."""
+    values = ATTRIBUTES[task]
+    chosen = [int(s.argmax()) if int((s == s.max()).sum()) == 1 else None for s in scores]  # a tie chooses nothing
+    wrong = Counter(f"{values[q.answer]}->{values[c]}" for q, c in zip(questions, chosen) if c not in (None, q.answer))
+    return dict(wrong.most_common())
+
+
 def probe_results(questions, scores):
     """questions, scores: {task: list of Questions}, {task: list of 1-D tensors, one score per candidate} ->
-    {row: {"accuracy": %, "chance": %, "n": scenes}}, with the "relation" row when both relation tasks are there."""
+    {row: {"accuracy": %, "chance": %, "n": scenes}}, with the "relation" row when both relation tasks are there,
+    and "mistakes" (mistakes()) for the attribute tasks."""
     results = {}
     for task, qs in questions.items():
         correct = [is_correct(s, q.answer) for q, s in zip(qs, scores[task], strict=True)]
         results[task] = {"accuracy": 100 * float(np.mean(correct)),
                          "chance": 100 * float(np.mean([1 / len(q.candidates) for q in qs])), "n": len(qs)}
+        if task in ATTRIBUTES:
+            results[task]["mistakes"] = mistakes(task, qs, scores[task])
     parts = [results[t] for t in ("relation_lr", "relation_ab") if t in results]
     if len(parts) == 2:
         results["relation"] = {"accuracy": float(np.mean([p["accuracy"] for p in parts])),
@@ -292,6 +304,10 @@ def format_probe(results):
     for task, r in results.items():
         readout = f"{r['image_readout']:>16.2f}" if "image_readout" in r else f"{'-':>16}"
         lines.append(f"{task:<12} {r['n']:>5} {r['chance']:>9.2f} {r['accuracy']:>11.2f} {readout}")
+    for task, r in results.items():  # which wrong answers, where there are some: "shape: circle->hexagon 12, ..."
+        if r.get("mistakes"):
+            top = ", ".join(f"{pair} {count}" for pair, count in list(r["mistakes"].items())[:4])
+            lines.append(f"most frequent {task} mistakes (true->chosen): {top}")
     return "\n".join(lines)
 
 

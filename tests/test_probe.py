@@ -193,6 +193,14 @@ def test_oracle_scores_100_and_ties_score_0_and_chance_levels():
     results = probe_results(qs, first)
     for task in TASKS:
         assert results[task]["accuracy"] == pytest.approx(100 * np.mean([q.answer == 0 for q in qs[task]]))
+    # the attribute tasks name their wrong answers: always candidate 0, so every mistake chose the first value
+    shape = results["shape"]["mistakes"]
+    assert set(shape) == {f"{q.scene['objects'][0]['shape']}->circle" for q in qs["shape"] if q.answer != 0}
+    assert sum(shape.values()) == sum(q.answer != 0 for q in qs["shape"])
+    assert list(shape.values()) == sorted(shape.values(), reverse=True)
+    assert "most frequent shape mistakes (true->chosen): " in probe.format_probe(results)
+    assert probe_results(qs, oracle)["shape"]["mistakes"] == {} and "mistakes" not in results["binding"]
+    assert all(r.get("mistakes", {}) == {} for r in probe_results(qs, tied).values())  # a tie chooses nothing
     assert results["relation"]["accuracy"] == 100 and results["relation"]["n"] == 2 * N
 
 
@@ -222,7 +230,8 @@ def test_run_probe_on_a_tiny_random_model(tiny):
     assert {task for task, r in results.items() if "image_readout" in r} == set(probe.ATTRIBUTES)
     assert all(0 <= r.get("image_readout", 0) <= 100 for r in results.values())
     table = probe.format_probe(results)
-    assert len(table.splitlines()) == 1 + len(probe.ROWS) and "relation_ab" in table and "image readout" in table
+    mistaken = sum(bool(r.get("mistakes")) for r in results.values())
+    assert len(table.splitlines()) == 1 + len(probe.ROWS) + mistaken and "relation_ab" in table and "image readout" in table
     assert "shape" in probe.probe_summary(results)
 
 
