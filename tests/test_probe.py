@@ -231,7 +231,8 @@ def test_run_probe_on_a_tiny_random_model(tiny):
     assert all(0 <= r.get("image_readout", 0) <= 100 for r in results.values())
     table = probe.format_probe(results)
     mistaken = sum(bool(r.get("mistakes")) for r in results.values())
-    assert len(table.splitlines()) == 1 + len(probe.ROWS) + mistaken and "relation_ab" in table and "image readout" in table
+    assert len(table.splitlines()) == 1 + len(probe.ROWS) + mistaken
+    assert "relation_ab" in table and "image readout" in table
     assert "shape" in probe.probe_summary(results)
 
 
