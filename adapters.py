@@ -634,7 +634,7 @@ def parse_args(argv, benchmark=False):
     p.add_argument("--init", default=str(ROOT / "out" / "shapes" / "last.pt") if benchmark else None,
                    help="the pretrained checkpoint to adapt (anything load_checkpoint reads)")
     p.add_argument("--data", default=None, help="ImageFolder: DIR/{train,val,test}/<class>/* or DIR/<class>/* "
-                   "(default: the built-in shifted-Shapes colour task)")
+                   "(default: the built-in shifted-Shapes shape task)")
     p.add_argument("--out", default=str(ROOT / "out" / "adapters") if benchmark else None, help="output folder"
                    + ("" if benchmark else " (default: out/adapters/runs/{method}-{K}shot-seed{S})"))
     add_method_args(p)

@@ -174,18 +174,23 @@ def probe_images(task, n=200, seed=PROBE_SEED):
 # Scoring
 
 
+def chosen(scores):
+    """The candidate that scores strictly highest, or None on a tie for the top."""
+    top = int(scores.argmax())
+    return top if int((scores == scores[top]).sum()) == 1 else None
+
+
 def is_correct(scores, answer):
     """The true caption scores strictly highest: a tie with any other candidate is wrong."""
-    others = torch.cat([scores[:answer], scores[answer + 1:]])
-    return bool(scores[answer] > others.max())
+    return chosen(scores) == answer
 
 
 def mistakes(task, questions, scores):
-    """The wrong answers of an attribute task, most frequent first: {"circle->hexagon": 12, ...} (true -> chosen)."""
+    """The wrong answers of an attribute task, most frequent first: {"circle->hexagon": 12, ...} (true -> chosen);
+    a tie chooses nothing, so it is wrong but not listed."""
     values = ATTRIBUTES[task]
-    chosen = [int(s.argmax()) if int((s == s.max()).sum()) == 1 else None for s in scores]  # a tie chooses nothing
-    wrong = Counter(f"{values[q.answer]}->{values[c]}" for q, c in zip(questions, chosen) if c not in (None, q.answer))
-    return dict(wrong.most_common())
+    picks = [(q.answer, chosen(s)) for q, s in zip(questions, scores)]
+    return dict(Counter(f"{values[a]}->{values[c]}" for a, c in picks if c not in (None, a)).most_common())
 
 
 def probe_results(questions, scores):
