@@ -262,7 +262,7 @@ class CoOpPrompts(nn.Module):
             embedded = model.token_embedding(self.tokens)  # (C, L, width)
         ctx = self.ctx.unsqueeze(0).expand(embedded.shape[0], -1, -1)  # (C, M, width)
         x = torch.cat([embedded[:, :1], ctx, embedded[:, 1 + ctx.shape[1]:]], dim=1)  # SOS, context, class . EOS
-        return model.encode_text_embeddings(x, self.tokens.argmax(dim=-1))  # (C, D) class weights, pooled at EOT
+        return model.encode_text_embeddings(x, self.tokens)  # (C, D) class weights, pooled at EOT
 
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop: its settings, the optimiser, the loop on cached features

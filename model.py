@@ -235,6 +235,14 @@ class VisionTransformer(nn.Module):
 # CLIP
 
 
+def eot_pool(x, tokens):
+    """Each caption's features at its EOT token: x (B, L, width), tokens (B, L) -> (B, width). Under the causal mask
+    EOT is the only position that has seen the whole caption (CLIP section 2.4). EOT (49407) is the largest id, so
+    argmax finds it (openai/CLIP encode_text; truncation keeps EOT last)."""
+    eot = tokens.argmax(dim=-1)  # (B,)
+    return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
+
+
 class CLIP(nn.Module):
 
     def __init__(self, config: CLIPConfig):
@@ -280,21 +288,19 @@ class CLIP(nn.Module):
         if tokens.shape[1] > self.positional_embedding.shape[0]:
             raise ValueError(f"tokens have {tokens.shape[1]} positions, but this model's context_length is "
                              f"{self.positional_embedding.shape[0]}: tokenize(texts, context_length=...)")
-        # We pool at the EOT token, the only position that has seen the whole caption under the causal mask.
-        # EOT (49407) is the largest id, so argmax finds it (openai/CLIP; truncation keeps EOT last).
+        # The causal mask means nothing after the last EOT can reach an EOT row (eot_pool): drop that padding (exact)
         eot = tokens.argmax(dim=-1)  # (B,)
-        # The causal mask also means nothing after the last EOT can reach an EOT row: drop that padding (exact, faster)
         tokens = tokens[:, :int(eot.max()) + 1] if len(tokens) else tokens  # (B, L)
-        x = self.encode_text_embeddings(self.token_embedding(tokens), eot)  # (B, embed_dim)
+        x = self.encode_text_embeddings(self.token_embedding(tokens), tokens)  # (B, embed_dim)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text_embeddings(self, x, eot):
-        """The text tower from the token embeddings x (B, L, width) on, pooled at positions eot (B,); prompt
-        learning (CoOp, adapters.py) puts learned vectors into x in place of some word embeddings."""
+    def encode_text_embeddings(self, x, tokens):
+        """The text tower from the token embeddings x (B, L, width) on, pooled at the EOT token of each row of tokens
+        (B, L); prompt learning (CoOp, adapters.py) puts learned vectors into x in place of some word embeddings."""
         x = x + self.positional_embedding[:x.shape[1]]  # (B, L, width)
         x = self.transformer(x, causal=True)
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
+        x = eot_pool(x, tokens)  # (B, width)
         return x @ self.text_projection  # (B, embed_dim)
 
     def forward(self, images, tokens):
