@@ -238,11 +238,12 @@ CAPTIONS = ["A big violet circle above a big purple heart.", "There is a tiny pi
 
 
 class ScaleOnly(nn.Module):
-    """Stands in for CLIP in train.train_step: fixed features, and the learnable logit_scale."""
+    """Stands in for CLIP in train.train_step: fixed features, the learnable logit_scale, no logit bias (clip_loss)."""
 
     def __init__(self, value):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(float(value)))
+        self.logit_bias = None
 
     def forward(self, images, tokens):
         return unit(len(images), 8, seed=16), unit(len(images), 8, seed=17), self.logit_scale.exp()

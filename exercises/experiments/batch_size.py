@@ -19,12 +19,12 @@ The questions to answer are in exercises/README.md.
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # plot.py's reader of metrics.jsonl; run as a script, only this folder is on the path
+from exercises.experiments.runs import act, finished_runs, pyplot  # noqa: E402
 from plot import read_metrics  # noqa: E402
 
 OUT = ROOT / "out" / "experiments" / "batch_size"
@@ -36,20 +36,6 @@ def train_args(batch_size, images, out):
     return ["--batch-size", str(batch_size), "--max-steps", str(steps), "--warmup", str(max(1, steps // 10)),
             "--hard-negatives", "0", "--hard-negative-weight", "0", "--mine-every", "0", "--eval-every", "0",
             "--test-split", "", "--out", str(Path(out) / f"b{batch_size}")]
-
-
-def run(args):
-    for b in args.sizes:
-        flags, run_dir = train_args(b, args.images, args.out), Path(args.out) / f"b{b}"
-        if (run_dir / "results_val.json").exists():
-            print(f"b{b}: done already ({run_dir})")
-            continue
-        resume = ["--resume"] if (run_dir / "last.pt").exists() else []
-        print(f"b{b}: python train.py {' '.join(flags + resume)}", flush=True)
-        done = subprocess.run([sys.executable, str(ROOT / "train.py")] + flags + resume)
-        if done.returncode:
-            sys.exit(f"error: train.py stopped with exit status {done.returncode} for b{b} (its output is above)")
-    return plot(args.out, args.sizes)
 
 
 def read_runs(out, sizes):
@@ -64,12 +50,8 @@ def read_runs(out, sizes):
 
 def plot(out, sizes):
     """OUT/batch_size.png: val R@1 and R@5 against the batch size; loss / log B against the images seen."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = read_runs(out, sizes)
-    if not runs:
-        sys.exit(f"error: no finished run under {out}/ (python exercises/experiments/batch_size.py run)")
+    plt = pyplot()
+    runs = finished_runs(read_runs(out, sizes), out, "batch_size.py")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     bs = sorted(runs)
     for direction, style in (("text_to_image", "-"), ("image_to_text", "--")):
@@ -104,13 +86,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=20000, help="training images seen by every run (2 epochs of Shapes)")
     p.add_argument("--out", default=str(OUT), help="the runs go to OUT/b16, OUT/b32, ...")
     args = p.parse_args(argv)
-    if args.action == "commands":
-        for b in args.sizes:
-            print("python train.py " + " ".join(f or "''" for f in train_args(b, args.images, args.out)))
-    elif args.action == "run":
-        run(args)
-    else:
-        plot(args.out, args.sizes)
+    runs = [(f"b{b}", train_args(b, args.images, args.out), Path(args.out) / f"b{b}") for b in args.sizes]
+    act(args.action, runs, "results_val.json", lambda: plot(args.out, args.sizes))
 
 
 if __name__ == "__main__":

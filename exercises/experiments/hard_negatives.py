@@ -18,11 +18,13 @@ A finished run is skipped, an interrupted one resumed. The questions to answer a
 """
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script, only this folder is on the path
+from exercises.experiments.runs import act, finished_runs, pyplot  # noqa: E402
+
 OUT = ROOT / "out" / "experiments" / "hard_negatives"
 VARIANTS = {  # name -> train.py flags
     "plain": ["--hard-negatives", "0", "--hard-negative-weight", "0"],  # CLIP's loss alone
@@ -38,20 +40,6 @@ def train_args(variant, steps, out):
                                 "--out", str(Path(out) / variant)]
 
 
-def run(args):
-    for v in args.variants:
-        flags, run_dir = train_args(v, args.max_steps, args.out), Path(args.out) / v
-        if (run_dir / "probe.json").exists():
-            print(f"{v}: done already ({run_dir})")
-            continue
-        resume = ["--resume"] if (run_dir / "last.pt").exists() else []
-        print(f"{v}: python train.py {' '.join(flags + resume)}", flush=True)
-        done = subprocess.run([sys.executable, str(ROOT / "train.py")] + flags + resume)
-        if done.returncode:
-            sys.exit(f"error: train.py stopped with exit status {done.returncode} for {v} (its output is above)")
-    return plot(args.out, args.variants)
-
-
 def read_runs(out, variants):
     """{variant: (probe results, val results)} for the runs that have finished."""
     runs = {}
@@ -65,12 +53,8 @@ def read_runs(out, variants):
 
 def plot(out, variants):
     """OUT/hard_negatives.png: probe accuracy per task and variant, chance marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = read_runs(out, variants)
-    if not runs:
-        sys.exit(f"error: no finished run under {out}/ (python exercises/experiments/hard_negatives.py run)")
+    plt = pyplot()
+    runs = finished_runs(read_runs(out, variants), out, "hard_negatives.py")
     names, width = list(runs), 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(12, 4.5))
     for i, v in enumerate(names):
@@ -102,13 +86,8 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=400, help="training steps of every run (batch 128)")
     p.add_argument("--out", default=str(OUT), help="the runs go to OUT/plain, OUT/negclip, ...")
     args = p.parse_args(argv)
-    if args.action == "commands":
-        for v in args.variants:
-            print("python train.py " + " ".join(f or "''" for f in train_args(v, args.max_steps, args.out)))
-    elif args.action == "run":
-        run(args)
-    else:
-        plot(args.out, args.variants)
+    runs = [(v, train_args(v, args.max_steps, args.out), Path(args.out) / v) for v in args.variants]
+    act(args.action, runs, "probe.json", lambda: plot(args.out, args.variants))
 
 
 if __name__ == "__main__":
