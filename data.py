@@ -301,11 +301,10 @@ class CaptionTrainDataset(Dataset):
             torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU generator only: torch.manual_seed
             # also queues a seed for every GPU backend, with a stack trace each time (~1 ms per image)
             pixels = self.transform(image)
-        tokens = tokenize(caption, self.context_length, truncate=True)  # (1, L)
         if self.negatives is None:
-            return pixels, tokens[0]
+            return pixels, tokenize(caption, self.context_length, truncate=True)[0]  # (L,)
         found = self.negatives(caption, self.k, np.random.default_rng(rng.getrandbits(63)))
-        tokens = torch.zeros(1 + self.k, self.context_length, dtype=tokens.dtype)  # (1 + k, L)
+        tokens = torch.zeros(1 + self.k, self.context_length, dtype=torch.long)  # (1 + k, L)
         tokens[:1 + len(found)] = tokenize([caption] + found, self.context_length, truncate=True)
         return pixels, tokens
 

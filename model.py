@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Configs: small dataclasses filled from the open_clip-style JSON files in model_configs/
@@ -71,6 +72,8 @@ class CLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False  # True for OpenAI's weights, False (exact GELU) for TinyCLIP and open_clip
+    init_logit_scale: float = math.log(1 / 0.07)  # the temperature's start, in log space (CLIP section 2.5)
+    init_logit_bias: float | None = None  # a learnable logit bias, for the SigLIP loss (its paper: -10); None: none
 
     @classmethod
     def from_dict(cls, d, source="config"):
@@ -81,7 +84,7 @@ class CLIPConfig:
         rest = dict(d)
         try:
             vision, text = VisionConfig(**rest.pop("vision_cfg")), TextConfig(**rest.pop("text_cfg"))
-            # what is left must be embed_dim and quick_gelu: CLIPConfig refuses any other key
+            # what is left must be embed_dim, quick_gelu and init_logit_*: CLIPConfig refuses any other key
             return cls(embed_dim=rest.pop("embed_dim"), vision=vision, text=text,
                        quick_gelu=bool(rest.pop("quick_gelu", False)), **rest)
         except ValueError as e:  # a __post_init__ check
@@ -91,8 +94,8 @@ class CLIPConfig:
             hint = " (TinyCLIP 'auto' configs describe pruned models, which are not supported)" \
                 if {"mask_image", "mask_text"} & set(rest) else ""
             vision_keys, text_keys = (", ".join(f.name for f in fields(c)) for c in (VisionConfig, TextConfig))
-            raise ValueError(f"{source}: {problem}{hint}; allowed keys: embed_dim, quick_gelu, "
-                             f"vision_cfg {{{vision_keys}}}, text_cfg {{{text_keys}}}") from None
+            raise ValueError(f"{source}: {problem}{hint}; allowed keys: embed_dim, quick_gelu, init_logit_scale, "
+                             f"init_logit_bias, vision_cfg {{{vision_keys}}}, text_cfg {{{text_keys}}}") from None
 
     @classmethod
     def from_json(cls, path):
@@ -105,8 +108,11 @@ class CLIPConfig:
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self):
-        return {"embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu,
-                "vision_cfg": asdict(self.vision), "text_cfg": asdict(self.text)}
+        d = {"embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu,
+             "vision_cfg": asdict(self.vision), "text_cfg": asdict(self.text)}
+        defaults = CLIPConfig()  # the logit settings are written only where they differ (open_clip's SigLIP configs)
+        return d | {k: getattr(self, k) for k in ("init_logit_scale", "init_logit_bias")
+                    if getattr(self, k) != getattr(defaults, k)}
 
 
 # -----------------------------------------------------------------------------
@@ -172,10 +178,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)])
+        self.grad_checkpointing = False  # CLIP.set_grad_checkpointing
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # gradient checkpointing (Chen et al. 2016, https://arxiv.org/abs/1604.06174): keep only the block's
+                # input and recompute its activations in the backward pass: less memory, one more forward
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
 
 
@@ -257,7 +269,9 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(tc.width)
         self.text_projection = nn.Parameter(torch.empty(tc.width, config.embed_dim))
         # learnable temperature, initialised to 1/0.07 and stored in log space (CLIP section 2.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        # SigLIP's learnable bias of every logit (Zhai et al. 2023, section 3); None for the softmax loss
+        self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(config.init_logit_bias))
         self.init_weights()
 
     def init_weights(self):
@@ -279,6 +293,11 @@ class CLIP(nn.Module):
     @property
     def dtype(self):
         return self.visual.conv1.weight.dtype
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute every residual block of both towers in the backward pass (open_clip's method of the same name):
+        a training step's activations then take about one block's worth per tower, for ~1/3 more compute."""
+        self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enable
 
     def encode_image(self, images, normalize=False):
         x = self.visual(images.to(self.dtype))  # (B, embed_dim)
@@ -346,7 +365,9 @@ def infer_config(sd, quick_gelu=False, source="state dict"):
                           mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
     except ValueError as e:  # widths below 64, or not split by heads of 64: pass a config that gives the heads
         raise CheckpointError(f"{source}: cannot infer the heads ({e}); pass a config") from None
-    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu)
+    bias = float(sd["logit_bias"].reshape(())) if "logit_bias" in sd else None  # a SigLIP-trained model has one
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu,
+                      init_logit_bias=bias)
 
 
 def compare_configs(cfg, inferred):

@@ -20,10 +20,21 @@ the built-in Shapes captions use a known vocabulary (synthetic.py's word tables)
     place     where words changed: left <-> right,        "a red circle above a blue star" -> "... below ..."
               above <-> below, or a single object moved
 
+Which new word a shape or colour change uses is uniform by default; with train.py --mine-every N it is drawn, every N
+steps afresh, by how alike the model's text features of the words are (confusable(): hard-negative mining, Robinson
+et al. 2021, "Contrastive Learning with Hard Negative Samples", https://arxiv.org/abs/2010.04592), so the pairs the
+model confuses (circle and hexagon) come up most.
+
 Captions of other datasets (Flickr, COCO) contain none of these words and get no hard negative.
 """
 import re
+from functools import lru_cache
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenizer import tokenize
 from synthetic import COLOUR_WORDS, POSITION_WORDS, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS
 
 KINDS = ("shape", "colour", "size", "binding", "order", "place")
@@ -41,15 +52,16 @@ _SPAN = re.compile(r"\b(" + "|".join(sorted(map(re.escape, list(_WORD_OF) + list
                    + r")\b", re.IGNORECASE)
 
 
+@lru_cache(maxsize=2 ** 16)  # each caption is asked for several kinds of negative, epoch after epoch
 def spans(caption):
-    """The attribute words of a caption in order: [(start, end, kind, value)], kind in shape/colour/size/position
+    """The attribute words of a caption in order: ((start, end, kind, value), ...), kind in shape/colour/size/position
     /relation (a relation's value is its own phrase). Longest phrases win ("to the left of" over "to the left")."""
     found = []
     for m in _SPAN.finditer(caption):
         word = m.group(0).lower()
         kind, value = _WORD_OF.get(word, ("relation", word))
         found.append((m.start(), m.end(), kind, value))
-    return found
+    return tuple(found)
 
 
 def _replace(caption, edits):
@@ -60,22 +72,62 @@ def _replace(caption, edits):
                   caption)
 
 
-def _other_word(table, value, rng):
-    """A word for a different value of the same attribute (any of its synonyms)."""
-    other = [v for v in table if v != value]
-    return str(rng.choice(table[str(rng.choice(other))]))
+def _other_word(table, value, rng, odds=None):
+    """A word for a different value of the same attribute (any of its synonyms). odds: None (every other value
+    equally likely) or a (V, V) array whose row i gives the chance of each value replacing value i (confusable())."""
+    values = list(table)
+    if odds is None:
+        other = [v for v in values if v != value]
+        return str(rng.choice(table[str(rng.choice(other))]))
+    row = np.asarray(odds[values.index(value)], dtype=np.float64)
+    return str(rng.choice(table[values[rng.choice(len(values), p=row / row.sum())]]))
 
 
-def hard_negative(caption, kind, rng):
+def confusable(features, temperature=0.05, uniform=0.5):
+    """Which value to put in a hard negative: the model's own confusions (hard-negative mining, as in Robinson et
+    al. 2021, "Contrastive Learning with Hard Negative Samples"). features (V, D): L2-normalised text features of one
+    phrase per value ("a circle", "a square", ...). Returns (V, V) odds: row i mixes `uniform` of the uniform choice
+    among the other values with a softmax of their cosines to value i at `temperature`, so the values the model
+    cannot yet tell apart are drawn most often and every value still comes up."""
+    V = features.shape[0]
+    cos = (features @ features.T).double()  # (V, V)
+    cos.fill_diagonal_(float("-inf"))  # never the value itself
+    hard = torch.softmax(cos / temperature, dim=1)  # (V, V)
+    even = (1 - torch.eye(V, dtype=torch.float64)) / (V - 1)  # (V, V)
+    return (uniform * even + (1 - uniform) * hard).numpy()
+
+
+def even_odds(kinds):
+    """{kind: (V, V) odds with every other value equally likely} for the kinds among `kinds` whose replacement word
+    can be mined (shape, colour). The tensors are in shared memory, so DataLoader workers see what train.py copies in."""
+    return {k: (1 - torch.eye(len(_TABLES[k]))).share_memory_()
+            for k in ("shape", "colour") if k in kinds}
+
+
+@torch.no_grad()
+def mined_odds(model, kinds, ctx):
+    """{kind: (V, V) odds} from confusable() on the model's text features of "a {word}", one word per value."""
+    odds = {}
+    for kind in kinds:
+        phrases = [f"a {words[0]}" for words in _TABLES[kind].values()]
+        tokens = tokenize(phrases, model.config.text.context_length).to(next(model.parameters()).device)  # (V, L)
+        with ctx:
+            features = F.normalize(model.encode_text(tokens).float(), dim=-1).cpu()  # (V, D)
+        odds[kind] = torch.from_numpy(confusable(features))
+    return odds
+
+
+def hard_negative(caption, kind, rng, odds=None):
     """The caption changed in one way (KINDS), or None where that change does not apply (no such words, or the
-    swap would leave the meaning unchanged: two equal colours swapped, or two objects said to be 'side by side')."""
+    swap would leave the meaning unchanged: two equal colours swapped, or two objects said to be 'side by side').
+    odds: {kind: (V, V) array} from confusable() for the word-replacing kinds; a kind not in it is drawn uniformly."""
     found = spans(caption)
     of = {k: [s for s in found if s[2] == k] for k in ("shape", "colour", "size", "position", "relation")}
     if kind in ("shape", "colour", "size"):
         if not of[kind]:
             return None
         start, end, _, value = of[kind][rng.integers(len(of[kind]))]
-        return _replace(caption, {(start, end): _other_word(_TABLES[kind], value, rng)})
+        return _replace(caption, {(start, end): _other_word(_TABLES[kind], value, rng, (odds or {}).get(kind))})
     if kind == "binding" or kind == "order":
         swap = ("colour",) if kind == "binding" else ("colour", "shape", "size")
         if kind == "order" and not (of["relation"] or of["position"]):
@@ -103,12 +155,12 @@ def _match_case(old, new):
     return new[0].upper() + new[1:] if old[0].isupper() else new
 
 
-def sample_negatives(caption, k, rng, kinds=KINDS):
+def sample_negatives(caption, k, rng, kinds=KINDS, odds=None):
     """k hard negatives of a caption, each of a different kind drawn at random among those that apply (fewer when
     fewer apply). A negative equal to the caption (a change that left it as it was) is never returned."""
     out = []
     for kind in rng.permutation(list(kinds)):
-        negative = hard_negative(caption, str(kind), rng)
+        negative = hard_negative(caption, str(kind), rng, odds)
         if negative is not None and negative != caption and negative not in out:
             out.append(negative)
         if len(out) == k:

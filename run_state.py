@@ -24,22 +24,23 @@ from model import CheckpointError
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
             "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
-            "negative_kinds", "hard_negative_weight")
+            "negative_kinds", "hard_negative_weight", "mine_every", "loss")
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
-              "hard_negative_weight": 0.0}  # the value a run saved before that key existed had
+              "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip"}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
 
 
-def save_state(path, model, optimizer, scaler, step, run):
+def save_state(path, model, optimizer, scaler, step, run, odds=None):
     """Everything needed to continue exactly: weights + config (checkpoints.save_checkpoint), optimizer moments,
-    scaler, step, RNG states and the run's settings. Tensors and plain containers only (weights_only-safe). The
-    checkpoint it replaces is kept as last.prev.pt, for when last.pt cannot be read back."""
+    scaler, step, RNG states, the run's settings and the mined odds of hard negatives (train.py: {kind: tensor}).
+    Tensors and plain containers only (weights_only-safe). The checkpoint it replaces is kept as last.prev.pt, for
+    when last.pt cannot be read back."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     try:
         save_checkpoint(path, model, keep_previous=True, step=step, optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng, args=run,
+                        scaler=scaler.state_dict(), rng=rng, args=run, odds=dict(odds or {}),
                         scheduler={"name": "cosine", "peak_lr": run["lr"], "warmup": run["warmup"],
                                    "total_steps": run["total_steps"]})
     except OSError as e:  # e.g. a full disk: the message says which file still holds the previous save

@@ -1,5 +1,6 @@
 """
-Contrastive training of CLIP with the symmetric InfoNCE loss, as one plain PyTorch loop (no Trainer).
+Contrastive training of CLIP with the symmetric InfoNCE loss (or SigLIP's sigmoid loss), as one plain PyTorch loop
+(no Trainer).
 
     python train.py                      # built-in Shapes data, small model from scratch, ~10 min on 2 CPU cores
     python train.py --init model_hub/TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt \
@@ -10,7 +11,8 @@ Contrastive training of CLIP with the symmetric InfoNCE loss, as one plain PyTor
 
 References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3 pseudocode and section 2.5
 (training details); open_clip's train.py/loss.py (https://github.com/mlfoundations/open_clip) for the
-optimizer groups, the cosine schedule and gathering features across processes; nanoGPT's train.py for the layout.
+optimizer groups, the cosine schedule and gathering features across processes; SigLIP (Zhai et al. 2023,
+https://arxiv.org/abs/2303.15343) section 3; nanoGPT's train.py for the layout.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainD
                   minimal_pair_group, read_captions, ShardedBatches)
 from evaluate import first_image_pixels, free_cores, loader_workers
 from model import CheckpointError, CLIP, CLIPConfig
-from negatives import KINDS, sample_negatives
+from negatives import even_odds, KINDS, mined_odds, sample_negatives
 from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
                        StopRequest, trim_metrics)
 from runtime import (autocast_context, equalise_batch, error_line, int_at_least, log_metrics, pick_device,
@@ -93,6 +96,14 @@ def get_args(argv=None):
                    "left out by default: a random batch already tells colours apart)")
     p.add_argument("--hard-negative-weight", type=float, default=2.0,
                    help="weight of hard_negative_loss, each image against its own hard negatives only (0: off)")
+    p.add_argument("--mine-every", type=int_at_least(0), default=0,
+                   help="every this many steps (e.g. 50), draw the new shape or colour word of hard negatives by the "
+                        "model's own confusions (negatives.confusable; 0: every other word equally likely)")
+    p.add_argument("--loss", choices=["clip", "siglip"], default="clip",
+                   help="clip: softmax InfoNCE (clip_loss); siglip: sigmoid pairs with a learnable bias (siglip_loss; "
+                        "the model gets a logit bias at -10 and the temperature starts at 10)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each residual block in the backward pass: less memory for a larger batch, slower")
     p.add_argument("--save-every", type=int_at_least(1), default=200,
                    help="steps between checkpoints (also saved before each evaluation and at the end)")
     p.add_argument("--eval-every", type=int_at_least(0), default=150,
@@ -127,6 +138,23 @@ def clip_loss(image_features, text_features, logit_scale, negative_features=None
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, negative_features=None, negative_valid=None):
+    """The sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", section 3 and
+    Algorithm 1): every (image, caption) pair of the batch is its own binary problem, match (label +1, the diagonal)
+    or not (-1), with logits logit_scale * cosine + logit_bias; -log sigmoid(label * logit) summed over the B x B
+    pairs and divided by B (open_clip loss.py, SigLipLoss). No softmax couples a row, so there is nothing to
+    normalise across the batch. Hard-negative captions (N, D) are extra columns labelled -1 for every image;
+    negative_valid (N,) masks out missing ones."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # (B, B): +1 on the diagonal, -1 elsewhere
+    loss = -F.logsigmoid(labels * logits).sum()
+    if negative_features is not None:
+        hard = logit_scale * image_features @ negative_features.T + logit_bias  # (B, N), all labelled -1
+        valid = torch.ones_like(hard) if negative_valid is None else negative_valid.to(hard.dtype).expand_as(hard)
+        loss = loss - (F.logsigmoid(-hard) * valid).sum()
+    return loss / image_features.shape[0]
+
+
 def hard_negative_loss(image_features, text_features, negative_features, negative_valid, logit_scale):
     """Each image against its own caption and its own K hard negatives only: cross-entropy over 1 + K scaled cosines,
     the true caption at index 0 (the "negatives loss" of SVLC, Doveh et al. 2023, "Teaching Structured
@@ -157,13 +185,13 @@ def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
     """AdamW with betas (0.9, 0.98), eps 1e-6 (CLIP section 2.5). Weight decay applies to matrices only: gains,
     biases, class/positional embeddings and logit_scale are excluded (decaying the temperature or the position
     table towards zero is not a sensible prior). With text_lr_scale != 1 the text tower's parameters get groups of
-    their own whose "lr_scale" the schedule multiplies the learning rate by (the image tower and the temperature:
-    1). Why a slower text tower helps from scratch: README, "What the default model understands"."""
+    their own whose "lr_scale" the schedule multiplies the learning rate by (the image tower, the temperature and
+    SigLIP's bias: 1). Why a slower text tower helps from scratch: README, "What the default model understands"."""
     def no_decay(name, p):
         return p.ndim < 2 or name.endswith(("class_embedding", "positional_embedding")) or name == "logit_scale"
 
     def scale_of(name):
-        return 1.0 if name.startswith("visual.") or name == "logit_scale" else text_lr_scale
+        return 1.0 if name.startswith("visual.") or name in ("logit_scale", "logit_bias") else text_lr_scale
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = []
     for scale in sorted({scale_of(n) for n, _ in params}, reverse=True):  # one scale (1.0): the two usual groups
@@ -181,25 +209,30 @@ def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_ne
     """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
     finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
     negatives per caption after the true one (all-zero rows: none), which also add hard_negative_weight times
-    hard_negative_loss."""
+    hard_negative_loss. A model with a logit bias (CLIPConfig.init_logit_bias) trains with siglip_loss, any
+    other with clip_loss."""
     B = images.shape[0]
     captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
     with ctx:  # the towers run under autocast; the loss below is computed in fp32
         image_features, text_features, logit_scale = model(images, captions)
     image_features, text_features = gather_with_grad(image_features.float()), text_features.float()
-    logit_scale = logit_scale.float()
+    logit_scale, bias = logit_scale.float(), (model.module if hasattr(model, "module") else model).logit_bias
+    negatives = valid = None
     if tokens.ndim == 2:
-        loss = clip_loss(image_features, gather_with_grad(text_features), logit_scale)
+        positives = gather_with_grad(text_features)  # (world * B, D)
     else:
         text_features = text_features.view(B, tokens.shape[1], -1)  # (B, 1 + K, D)
         positives = gather_with_grad(text_features[:, 0])  # (world * B, D)
         negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (world * B * K, D)
         valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (world * B * K,)
+    if bias is None:
         loss = clip_loss(image_features, positives, logit_scale, negatives, valid)
-        if hard_negative_weight:
-            K = tokens.shape[1] - 1
-            own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
-            loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
+    else:
+        loss = siglip_loss(image_features, positives, logit_scale, bias.float(), negatives, valid)
+    if negatives is not None and hard_negative_weight:
+        K = tokens.shape[1] - 1
+        own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
+        loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
     if not torch.isfinite(loss):  # skip: one bad batch must not poison the weights
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), None
@@ -258,13 +291,16 @@ def read_splits(args, data, images):
 
 
 def train_loader(args, records, images, config, device, rank, world, data):
-    """The training records as a DataLoader of (images, tokens, unreadable paths) and its EpochSampler."""
+    """The training records as a DataLoader of (images, tokens, unreadable paths), its EpochSampler, and the odds of
+    each replacement word in hard negatives ({kind: (V, V) tensor}, negatives.even_odds; {}: not mined)."""
     truncated = count_truncated(records, config.text.context_length)
     if truncated:
         print(f"note: {truncated} captions are longer than {config.text.context_length} tokens and will be truncated")
+    kinds = args.negative_kinds.split(",")
+    odds = even_odds(kinds) if args.hard_negatives and args.mine_every else {}  # mined_odds() updates them
     dataset = CaptionTrainDataset(records, images, train_augment(config.vision.image_size),
                                   config.text.context_length, args.seed,
-                                  partial(sample_negatives, kinds=args.negative_kinds.split(",")) if args.hard_negatives
+                                  partial(sample_negatives, kinds=kinds, odds=odds) if args.hard_negatives
                                   else None, args.hard_negatives)
     sampler = EpochSampler(len(dataset), args.seed, group=minimal_pair_group(data, records, args.batch_size))
     batches = ShardedBatches(sampler, args.batch_size, rank, world)
@@ -279,7 +315,7 @@ def train_loader(args, records, images, config, device, rank, world, data):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
-    return loader, sampler
+    return loader, sampler, odds
 
 
 def check_unreadable(bad, seen, first_bad, enough):
@@ -342,15 +378,26 @@ def train(args, argv=()):
     random.seed(args.seed)
 
     if args.init == "scratch":
-        model = CLIP(CLIPConfig.from_json(args.config or ROOT / "model_configs" / "MiniCLIP-S-64px.json"))
+        config = CLIPConfig.from_json(args.config or ROOT / "model_configs" / "MiniCLIP-S-64px.json")
+        if args.loss == "siglip":  # SigLIP section 3: t' = log 10, b = -10 (open_clip's SigLIP configs)
+            config = replace(config, init_logit_scale=math.log(10), init_logit_bias=-10.0)
+        model = CLIP(config)
     else:  # a --config given with a checkpoint is checked against the checkpoint's shapes
         model = load_checkpoint(args.init, config=args.config, verbose=True)
+        if (model.logit_bias is not None) != (args.loss == "siglip"):
+            raise ValueError(f"--loss {args.loss}: {args.init} was trained with the "
+                             f"{'siglip' if model.logit_bias is not None else 'clip'} loss (a model has a logit bias "
+                             "for siglip only); pass that --loss")
     model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)
     splits = read_splits(args, data, images)
-    loader, sampler = train_loader(args, splits["train"], images, model.config, device, rank, world, data)
+    loader, sampler, odds = train_loader(args, splits["train"], images, model.config, device, rank, world, data)
+    for kind, saved in (ckpt or {}).get("odds", {}).items():  # the mined odds in use when the run was saved
+        odds[kind].copy_(saved)
     steps_per_epoch = len(loader)  # read before set_epoch(start=...), which shortens the epoch being resumed
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     optimizer = configure_optimizer(model, args.lr, args.wd, args.text_lr_scale)
@@ -386,6 +433,9 @@ def train(args, argv=()):
                 if batch_images.shape[0] < 2:  # (nearly) every image of the batch was unreadable: no pairs to contrast
                     continue  # equalise_batch made the size equal on every process, so all of them skip together
                 t_step = time.time()
+                if odds and step % args.mine_every == 0:  # hard negatives of what the model confuses now
+                    for kind, new in mined_odds(model, list(odds), ctx).items():
+                        odds[kind].copy_(new)
                 lr = get_lr(step, args.lr, args.warmup, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before lr_scale: 1
@@ -397,7 +447,7 @@ def train(args, argv=()):
                     tqdm.write(f"warning: non-finite loss {loss} at step {step}: step skipped ({non_finite} in a row)")
                     if non_finite >= 5:
                         if master:
-                            save_state(ckpt_path, model, optimizer, scaler, step - 1, run)
+                            save_state(ckpt_path, model, optimizer, scaler, step - 1, run, odds)
                         raise ValueError(f"{non_finite} non-finite losses in a row: stopping (weights before them "
                                          f"are in {ckpt_path}); try a lower --lr or --precision fp32/bf16")
                 else:
@@ -412,7 +462,7 @@ def train(args, argv=()):
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", scale=f"{scale:.1f}", sps=f"{sps:.0f}")
                     bar.update(1)
                     if step % args.save_every == 0 or step == total_steps or evaluate_now or stop.requested:
-                        save_state(ckpt_path, model, optimizer, scaler, step, run)  # saved before evaluating
+                        save_state(ckpt_path, model, optimizer, scaler, step, run, odds)  # saved before evaluating
                     if evaluate_now:
                         log_metrics(out, {"step": step, "val": evaluate(model, splits["val"], images, "val",
                                                                          device, precision)})

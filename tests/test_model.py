@@ -1,5 +1,6 @@
 """Parity of model.py against the reference implementations (open_clip, Hugging Face transformers) for every
 TinyCLIP ViT config and OpenAI ViT-B/32, loaded from each checkpoint layout load_checkpoint reads."""
+import copy
 import math
 import warnings
 
@@ -264,3 +265,25 @@ def test_no_stem_is_plain_clip():
     assert plain.vision.stem_channels == [] and len(CLIP(plain).visual.stem) == 0
     with pytest.raises(ValueError, match="stem_channels.*patch_size divisible by 16, got 8"):
         stem_config((4, 4, 4, 4))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """set_grad_checkpointing recomputes each block in the backward pass: the loss and every gradient are unchanged,
+    and each tower's blocks then leave no activations behind but their inputs."""
+    torch.manual_seed(0)
+    images, tokens = torch.randn(4, 3, 32, 32), torch.tensor([[98, 20 + i, 21, 99] + [0] * 4 for i in range(4)])
+    base, grads, calls = CLIP(stem_config()), [], []
+    for checkpointing in (False, True):
+        model, count = copy.deepcopy(base), []
+        model.set_grad_checkpointing(checkpointing)
+        block = model.transformer.resblocks[0]
+        block.forward = lambda *a, run=block.forward, **kw: count.append(1) or run(*a, **kw)  # counts its runs
+        i, t, s = model(images, tokens)
+        (s * i @ t.T).logsumexp(dim=1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        calls.append(len(count))
+    assert calls == [1, 2]  # with checkpointing the block ran again in the backward pass
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert model.transformer.grad_checkpointing and model.visual.transformer.grad_checkpointing

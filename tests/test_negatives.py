@@ -1,14 +1,18 @@
 """negatives.py (NegCLIP-style hard-negative captions) and the hard-negative term of train.clip_loss."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from negatives import hard_negative, KINDS, sample_negatives, spans
+from negatives import confusable, even_odds, hard_negative, KINDS, mined_odds, sample_negatives, spans
+from synthetic import SHAPES
 from synthetic import make_captions, sample_scene, STYLES
+from model import CLIP, CLIPConfig
+from tokenizer import tokenize
 from train import clip_loss, hard_negative_loss
 
 PAIR = "A small red circle to the left of a big blue star on a striped background."
@@ -99,6 +103,34 @@ def test_no_negative_of_a_generated_caption_describes_its_scene():
                     used.add(kind)
                     assert negative not in captions, (c, kind, negative)
     assert used == set(KINDS)
+
+
+def test_confusable_draws_the_values_the_model_confuses_most_often():
+    features = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features[7] = F.normalize(features[0] + 0.05 * features[7], dim=0)  # value 7 nearly the same as value 0
+    odds = confusable(features, temperature=0.05, uniform=0.5)
+    assert odds.shape == (8, 8) and np.allclose(odds.sum(axis=1), 1) and np.all(np.diag(odds) == 0)
+    assert odds[0].argmax() == 7 and odds[7].argmax() == 0 and odds[0, 7] > 0.5  # half uniform + most of the rest
+    assert np.all(odds[0, 1:7] >= 0.5 / 7)  # every other value still comes up
+    assert np.allclose(confusable(features, uniform=1.0), even_odds(["shape"])["shape"].numpy() / 7)
+
+
+def test_mined_odds_steer_the_replacement_shape():
+    odds = {"shape": torch.zeros(8, 8, dtype=torch.float64)}
+    odds["shape"][SHAPES.index("circle"), SHAPES.index("hexagon")] = 1.0  # a circle always becomes a hexagon
+    for seed in range(20):
+        negative = hard_negative("A small red circle on the left.", "shape", rng(seed), odds)
+        assert negative in ("A small red hexagon on the left.", "A small red six-sided shape on the left.")
+    assert even_odds(["size", "place"]) == {} and set(even_odds(KINDS)) == {"shape", "colour"}
+
+
+def test_mined_odds_come_from_the_model_text_features():
+    model = CLIP(CLIPConfig.from_json(Path(__file__).parents[1] / "model_configs" / "MiniCLIP-XS-32px.json"))
+    odds = mined_odds(model, ["shape"], torch.autocast("cpu", enabled=False))["shape"]
+    phrases = ["a circle", "a square", "a triangle", "a star", "a heart", "a cross", "a diamond", "a hexagon"]
+    with torch.no_grad():
+        features = model.encode_text(tokenize(phrases, model.config.text.context_length), normalize=True)
+    assert torch.allclose(odds, torch.from_numpy(confusable(features)))
 
 
 def test_clip_loss_hard_negatives_are_extra_image_to_text_columns():

@@ -14,7 +14,7 @@ import torch
 from checkpoints import load_checkpoint
 from model import CLIP, CLIPConfig
 from oracles import ROOT
-from train import clip_loss, configure_optimizer, get_args, get_lr, train_step
+from train import clip_loss, configure_optimizer, get_args, get_lr, siglip_loss, train_step
 
 XS = str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
 
@@ -39,6 +39,34 @@ def test_clip_loss_sanity():
     assert abs(clip_loss(img, img, torch.tensor(0.0)) - math.log(64)) < 1e-5  # no signal: uniform over 64
     txt = random_features(64, 32, 1)
     assert torch.allclose(clip_loss(img, txt, torch.tensor(5.0)), clip_loss(txt, img, torch.tensor(5.0)))  # symmetric
+
+
+def test_siglip_loss_equals_open_clip():
+    """siglip_loss against open_clip's SigLipLoss on the same features; hard negatives are the columns open_clip adds
+    with negative_only=True (its other ranks' captions), and a masked-out one counts for nothing."""
+    open_clip = pytest.importorskip("open_clip")
+    img, txt, neg = random_features(16, 32, 0), random_features(16, 32, 1), random_features(16, 32, 2)
+    reference, valid = open_clip.loss.SigLipLoss(), torch.arange(16) < 12
+    for scale, bias in ((10.0, -10.0), (1.0, 0.0), (30.0, -3.0)):
+        s, b = torch.tensor(scale), torch.tensor(bias)
+        torch.testing.assert_close(siglip_loss(img, txt, s, b), reference(img, txt, s, b), rtol=1e-6, atol=1e-6)
+        want = reference(img, txt, s, b) + reference._loss(img, neg, s, b, negative_only=True)
+        torch.testing.assert_close(siglip_loss(img, txt, s, b, neg), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(siglip_loss(img, txt, s, b, neg, valid), siglip_loss(img, txt, s, b, neg[:12]))
+
+
+def test_siglip_run_learns_a_bias_and_resumes_with_it(tiny_data, tmp_path):
+    out = tmp_path / "siglip"
+    run_train(out, tiny_data, "--loss", "siglip", steps=8)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["init_logit_bias"] == -10.0 and ckpt["args"]["loss"] == "siglip"
+    assert ckpt["model"]["logit_bias"] != -10.0  # it trained
+    assert load_checkpoint(out / "last.pt").logit_bias is not None
+    run_train(out, tiny_data, "--resume", steps=8)  # the run's loss and its model's bias come from the checkpoint
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(out / "last.pt"), "--data",
+                             str(tiny_data), "--images", str(tiny_data.parent / "images"), "--out",
+                             str(tmp_path / "other"), "--max-steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "pass that --loss" in result.stderr.strip().splitlines()[-1]
 
 
 def test_lr_schedule():
@@ -133,10 +161,10 @@ def test_short_run_learns_and_checkpoint_loads(tiny_data, tmp_path):
 
 
 def test_resume_after_sigkill_gives_the_same_weights(tiny_data, tmp_path):
-    steps = 60
-    run_train(tmp_path / "straight", tiny_data, steps=steps)
+    steps, mine = 60, ("--mine-every", "3")  # odds mined every 3 steps: a resume must restore the ones in use
+    run_train(tmp_path / "straight", tiny_data, *mine, steps=steps)
     killed = tmp_path / "killed"
-    proc = run_train(killed, tiny_data, steps=steps, wait=False)
+    proc = run_train(killed, tiny_data, *mine, steps=steps, wait=False)
     deadline = time.time() + 300
     while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
