@@ -434,6 +434,12 @@ $("text").onsubmit = (e) => {
 $("file").onchange = () => {
   if ($("file").files.length) fetch("/search?k=" + $("k").value, {method: "POST", body: $("file").files[0]}).then(show);
 };
+const asked = new URLSearchParams(location.search);  // /?q=...&k=...: a search that can be shared as a link
+if (asked.get("q")) {
+  $("q").value = asked.get("q");
+  if (asked.get("k")) $("k").value = asked.get("k");
+  $("text").requestSubmit();
+}
 </script></body></html>
 """
 

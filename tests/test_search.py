@@ -3,6 +3,8 @@ queries, the search page's server, and one-line errors on bad input. A tiny rand
 nothing, but an image must still find itself."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,3 +254,30 @@ def test_serve_prints_the_url_and_stops_on_ctrl_c(built):
     finally:
         server.kill()
     assert server.returncode == 0 and "Traceback" not in rest and "stopped" in rest
+
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no browser for the page test: install Debian's package with "
+                                            "`apt-get install -y chromium` (.ci/run does)")
+def test_the_page_in_a_real_browser(built, searcher, tmp_path, monkeypatch):
+    """Headless chromium opens /?q=...&k=4, which fills the query box and submits the form as a click would; the page's
+    script fetches /search and draws the gallery. The dumped DOM must show the top 4 in the server's order, and the
+    browser must have loaded each of those images."""
+    served = []
+    get_image = search.Handler.do_GET
+    monkeypatch.setattr(search.Handler, "do_GET", lambda self: served.append(self.path) or get_image(self))
+    server = search.make_server(searcher, "127.0.0.1", 0, k=20)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        want = [f"/image/{r['id']}" for r in json.loads(get(base + "/search?q=a+red+star&k=4")[1])["results"]]
+        dom = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path}", "--virtual-time-budget=15000", "--dump-dom",
+                              base + "/?q=a%20red%20star&k=4"], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert re.findall(r'<img src="(/image/\d+)"', dom) == want
+    assert "/?q=a%20red%20star&k=4" in served and set(want) <= set(served)  # the page, then each of its images
