@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint
 from model import CheckpointError
 from runtime import (autocast_context, error_line, int_at_least, pick_device, plain_warnings, precision_line,
-                     resolve_precision, PRECISIONS)
+                     resolve_precision, PRECISIONS, setup_distributed)
 from tokenizer import tokenize
 from transform import IMAGE_EXTENSIONS, ImageLoadError, image_transform, load_image
 
@@ -117,8 +118,8 @@ def checkpoint_record(path):
 class Encoder:
     """A loaded CLIP with its image preprocessing, device and precision."""
 
-    def __init__(self, checkpoint, precision="auto", verbose=False):
-        self.device = pick_device()
+    def __init__(self, checkpoint, precision="auto", verbose=False, local_rank=0):
+        self.device = pick_device(None, local_rank)
         self.precision = precision_line(self.device, precision) if verbose else \
             resolve_precision(self.device, precision)[0]
         self.model = load_checkpoint(checkpoint, verbose=verbose).to(self.device)
@@ -286,9 +287,11 @@ def plan_update(paths, stats, meta):
 
 
 def index_folder(images_dir, checkpoint, out, precision="auto", batch_size=64, kind=None, rebuild=False,
-                 paths=None):
+                 paths=None, rank=0, world=1, local_rank=0):
     """Builds or updates the index of images_dir in `out`; `paths` (relative) limits it to those files.
     kind: auto, flat, ivf or hnsw; None: what the index folder's last run asked for, else auto.
+    Under torchrun (world > 1) each process encodes every world-th file to encode, and rank 0 gathers them, builds
+    the index and writes it; the other processes return None.
     Returns a summary: counts (added, updated, removed, kept, skipped), the skipped files' errors, the index info."""
     paths = list_images(images_dir) if paths is None else sorted(paths)
     if not paths:
@@ -299,11 +302,18 @@ def index_folder(images_dir, checkpoint, out, precision="auto", batch_size=64, k
     meta, old_x = previous_index(out, images_dir, record, rebuild)
     stats = {p: file_stat(Path(images_dir) / p) for p in paths}
     keep, to_encode = plan_update(paths, stats, meta)
-    encoder = Encoder(checkpoint, precision, verbose=True)
+    encoder = Encoder(checkpoint, precision, verbose=rank == 0, local_rank=local_rank)
     if keep and to_encode and meta["precision"] != encoder.precision:
         print(f"note: the {len(keep)} unchanged images were encoded at {meta['precision']}, the others will be at "
               f"{encoder.precision}: add --rebuild to encode all of them at {encoder.precision}")
-    new_x, encoded, skipped = encode_files(encoder, images_dir, to_encode, batch_size)
+    new_x, encoded, skipped = encode_files(encoder, images_dir, to_encode[rank::world], batch_size)
+    if world > 1:  # every process's share, in rank order; only rank 0 goes on to write the index
+        shares = [None] * world
+        dist.all_gather_object(shares, (new_x, encoded, skipped))
+        if rank != 0:
+            return None
+        new_x = np.concatenate([x for x, _, _ in shares])  # (n_encoded, D)
+        encoded, skipped = [p for _, ps, _ in shares for p in ps], [e for _, _, es in shares for e in es]
     if not keep and not encoded:
         raise SearchError(f"{images_dir}: none of the {len(paths)} image files could be read (first: {skipped[0]})")
     old_paths = {f["path"] for f in meta["files"]} if meta else set()
@@ -542,9 +552,13 @@ def serve(searcher, host, port, k):
 
 
 def cmd_index(args):
+    rank, world, local_rank = setup_distributed()  # torchrun --nproc_per_node N search.py index ...: N shards
     summary = index_folder(args.images, args.checkpoint, args.out, args.precision, args.batch_size, args.index,
-                           args.rebuild)
-    print_summary(summary, args.out)
+                           args.rebuild, rank=rank, world=world, local_rank=local_rank)
+    if world > 1:
+        dist.destroy_process_group()
+    if summary is not None:
+        print_summary(summary, args.out)
 
 
 def cmd_query(args):

@@ -281,3 +281,19 @@ def test_the_page_in_a_real_browser(built, searcher, tmp_path, monkeypatch):
         server.server_close()
     assert re.findall(r'<img src="(/image/\d+)"', dom) == want
     assert "/?q=a%20red%20star&k=4" in served and set(want) <= set(served)  # the page, then each of its images
+
+
+def test_two_processes_build_the_same_index_as_one(built, tmp_path):
+    """torchrun --nproc_per_node 2 search.py index ...: each process encodes half of the files, rank 0 merges."""
+    _, images, ckpt, _ = built
+    one, two = tmp_path / "one", tmp_path / "two"
+    search.index_folder(images, ckpt, one, precision="fp32", batch_size=2)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                             str(ROOT / "search.py"), "index", str(images), "--checkpoint", str(ckpt), "--out",
+                             str(two), "--precision", "fp32", "--batch-size", "2"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "6 images indexed" in result.stdout and "broken.png" in result.stdout  # one summary, from rank 0
+    np.testing.assert_allclose(np.load(two / "embeddings.npy"), np.load(one / "embeddings.npy"), rtol=0, atol=1e-6)
+    a, b = (json.loads((d / "meta.json").read_text()) for d in (one, two))
+    assert a["files"] == b["files"] and a["index"] == b["index"]
