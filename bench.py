@@ -1,6 +1,6 @@
 """
 Speed benchmarks (not tests): is our readable code also fast, and how close to this machine's peak does it run?
-Six sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
+Seven sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
 
     peak       this machine's matmul rate, 2048x2048 @ 2048x2048, in GFLOP/s for each precision (the "peak" below)
     model      encode_image / encode_text, model.py vs open_clip with the same weights under the same autocast:
@@ -14,6 +14,9 @@ Six sections, each runnable alone (python bench.py SECTION; the default is all o
                workers and threads (evaluate.encode_plan); seconds, and each one's time / the automatic one's
     compile    torch.compile, measured (not adopted anywhere): encode_image and the training step of ours,
                eager vs compiled, steps/s, the speedup, and the compile time (the first call) apart
+    index      search.py's FAISS indexes (flat, ivf, hnsw) over 10k, 100k and 1M random unit vectors of the default
+               model's dimension: build time (with the recall tuning), memory, one-query latency p50/p99 and
+               recall@10 of 1,000 new queries against exact search
 
     python bench.py all --threads 2 --repeats 7               # fp32 and bf16 where the CPU has native bf16
     python bench.py model --precision fp32 --repeats 3
@@ -492,6 +495,50 @@ def bench_accuracy(args):
           f"{(p32 - p16).abs().max().item():.2e}")
 
 
+def unit_rows(n, d, seed):
+    x = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)  # (n, d)
+
+
+def index_case(x, queries, kind):
+    """search.build_index over x, then each query alone: (build s, MB, p50 ms, p99 ms, recall@10, info)."""
+    import faiss
+    from search import build_index
+    start = time.perf_counter()
+    index, info = build_index(x, kind)
+    build = time.perf_counter() - start
+    megabytes = len(faiss.serialize_index(index)) / 2 ** 20
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, truth = exact.search(queries, 10)  # (Q, 10)
+    latency, hits = [], []
+    for q, want in zip(queries, truth):
+        start = time.perf_counter()
+        _, found = index.search(q[None], 10)  # one query at a time, as the search page asks
+        latency.append(1000 * (time.perf_counter() - start))
+        hits.append(len(set(found[0]) & set(want)) / 10)
+    p50, p99 = np.percentile(latency, [50, 99])
+    return build, megabytes, p50, p99, float(np.mean(hits)), info
+
+
+def bench_index(args):
+    """FAISS index types at growing sizes; random unit vectors have no clusters, so they are the hard case for the
+    approximate indexes (real image features are easier)."""
+    d = CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-S-64px.json").embed_dim
+    queries = unit_rows(1000, d, seed=1)
+    rows = []
+    for n in args.index_sizes:
+        x = unit_rows(n, d, seed=0)
+        for kind in ("flat", "ivf", "hnsw"):
+            build, mb, p50, p99, recall, info = index_case(x, queries, kind)
+            params = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("type", "recall@10"))
+            rows.append([f"{n:,}", kind, params or "-", f"{build:.1f}", f"{mb:.0f}", f"{p50:.2f}", f"{p99:.2f}",
+                         f"{recall:.3f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    print(f"index ({d}-d random unit vectors; build includes the recall tuning; latency: one query at a time)")
+    print_table(["vectors", "index", "parameters", "build s", "MB", "p50 ms", "p99 ms", "recall@10"], rows)
+
+
 def precisions_for(device, requested):
     """The precisions to run: the one asked for, else fp32 and bf16 where the device has native bf16, else fp32."""
     if requested is not None:
@@ -508,7 +555,7 @@ def cpu_name():
 
 
 SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "accuracy": bench_accuracy,
-            "retrieval": bench_retrieval, "compile": bench_compile}
+            "retrieval": bench_retrieval, "compile": bench_compile, "index": bench_index}
 
 
 def main(argv=None):
@@ -520,6 +567,8 @@ def main(argv=None):
                    help="default: fp32 and bf16 where the CPU has native bf16 (runtime.cpu_has_bf16), else fp32")
     p.add_argument("--eval-images", type=int_at_least(1), help="retrieval: the first N test images (default: all)")
     p.add_argument("--checkpoint", help="accuracy: the trained model (default: out/shapes/last.pt)")
+    p.add_argument("--index-sizes", type=int_at_least(20), nargs="+", default=[10_000, 100_000, 1_000_000],
+                   help="index: the numbers of vectors")
     args = p.parse_args(argv)
     if args.precision == "fp16":
         p.error("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")

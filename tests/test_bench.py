@@ -86,3 +86,14 @@ def test_precisions_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         bench.main(["model", "--repeats", "0"])
     assert "--repeats" in capsys.readouterr().err
+
+
+def test_index_case_measures_exact_and_approximate_search():
+    """bench index's measurement on 2,000 vectors: exact search finds every true neighbour, HNSW (tuned by
+    search.build_index to recall 0.95 on indexed vectors) most of them for new queries; latency and memory are set."""
+    pytest.importorskip("faiss")
+    x, queries = bench.unit_rows(2000, 16, seed=0), bench.unit_rows(50, 16, seed=1)
+    build, mb, p50, p99, recall, info = bench.index_case(x, queries, "flat")
+    assert recall == 1.0 and info == {"type": "flat"} and mb > 0 and 0 < p50 <= p99
+    *_, recall, info = bench.index_case(x, queries, "hnsw")
+    assert info["type"] == "hnsw" and recall >= 0.85
