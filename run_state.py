@@ -87,7 +87,12 @@ def restore_state(ckpt, model, optimizer, scaler):
 
 
 def file_digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a file's bytes, read 1 MiB at a time (a checkpoint or a caption file need not fit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def resumed_args(args, argv, saved, world):

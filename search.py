@@ -29,7 +29,6 @@ vectors as queries (their own vector left out). nprobe / efSearch are doubled un
 TARGET_RECALL, and stored in meta.json.
 """
 import argparse
-import hashlib
 import html
 import json
 import math
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint
 from model import CheckpointError
+from run_state import file_digest
 from runtime import (autocast_context, error_line, int_at_least, pick_device, plain_warnings, precision_line,
                      resolve_precision, PRECISIONS, setup_distributed)
 from tokenizer import tokenize
@@ -94,21 +94,13 @@ def file_stat(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_record(path):
     """What identifies a checkpoint: its path, its size and mtime, and the SHA-256 of its bytes."""
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"checkpoint not found: {path}: pass --checkpoint with a trained model "
                           "(python train.py writes out/shapes/last.pt)")
-    return {"path": str(path.resolve()), **file_stat(path), "sha256": sha256(path)}
+    return {"path": str(path.resolve()), **file_stat(path), "sha256": file_digest(path)}
 
 
 # -----------------------------------------------------------------------------

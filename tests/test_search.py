@@ -1,6 +1,7 @@
 """search.py: indexing an image folder (skipping broken files, incrementally), FAISS index types and their recall,
 queries, the search page's server, and one-line errors on bad input. A tiny random-weight model: the features mean
 nothing, but an image must still find itself."""
+import hashlib
 import json
 import os
 import re
@@ -69,7 +70,7 @@ def test_index_skips_and_names_the_corrupt_file(built, capsys):
     assert "6 images indexed" in out and "broken.png" in out and "index: flat" in out
     meta = json.loads((d / "index" / "meta.json").read_text())
     assert [f["path"] for f in meta["files"]] == [*(f"img{i}.png" for i in range(5)), "nested/deep.png"]
-    assert meta["checkpoint"]["sha256"] == search.sha256(ckpt)
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     x = np.load(d / "index" / "embeddings.npy")
     assert x.shape == (6, 64) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
