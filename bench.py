@@ -1,6 +1,6 @@
 """
 Speed benchmarks (not tests): is our readable code also fast, and how close to this machine's peak does it run?
-Seven sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
+Eight sections, each runnable alone (python bench.py SECTION; the default is all of them, in this order):
 
     peak       this machine's matmul rate, 2048x2048 @ 2048x2048, in GFLOP/s for each precision (the "peak" below)
     model      encode_image / encode_text, model.py vs open_clip with the same weights under the same autocast:
@@ -14,6 +14,8 @@ Seven sections, each runnable alone (python bench.py SECTION; the default is all
                workers and threads (evaluate.encode_plan); seconds, and each one's time / the automatic one's
     compile    torch.compile, measured (not adopted anywhere): encode_image and the training step of ours,
                eager vs compiled, steps/s, the speedup, and the compile time (the first call) apart
+    memory     peak memory of one training step against the global batch: plain, chunked (GradCache,
+               train.py --accum-chunks) and with gradient checkpointing, and samples/s of each
     index      search.py's FAISS indexes (flat, ivf, hnsw) over 10k, 100k and 1M random unit vectors of the default
                model's dimension: build time (with the recall tuning), memory, one-query latency p50/p99 and
                recall@10 of 1,000 new queries against exact search
@@ -260,7 +262,7 @@ def bench_model(args):
 def make_train_step(model, opt, images, tokens, precision, device="cpu"):
     """A function doing one optimisation step as train.py does: the towers under autocast, clip_loss in fp32,
     backward, AdamW. It returns the loss."""
-    from train import clip_loss
+    from losses import clip_loss
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -539,6 +541,59 @@ def bench_index(args):
     print_table(["vectors", "index", "parameters", "build s", "MB", "p50 ms", "p99 ms", "recall@10"], rows)
 
 
+def memory_case(mode, batch, chunks, precision, threads, steps=2):
+    """In a fresh process (multiprocessing spawn, so no case inherits another's freed memory): the default model,
+    one warm-up step at batch 2 (it creates AdamW's state), then `steps` train.train_step calls at `batch` with 3
+    hard negatives per caption, as the default training run. Returns (step MB: the peak resident memory of those
+    steps above the memory before them, read from /proc/self/status VmHWM after resetting it; samples/s)."""
+    from train import configure_optimizer, train_step
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-S-64px.json")).train()
+    model.set_grad_checkpointing(mode.endswith("checkpointed"))
+    opt = configure_optimizer(model, 1e-4, 0.1)
+    scaler, ctx = torch.amp.GradScaler("cpu", enabled=False), autocast_context("cpu", precision)
+
+    def inputs(n):
+        captions = [CAPTIONS[(i + j) % len(CAPTIONS)] for i in range(n) for j in range(4)]  # caption + 3 negatives
+        images = torch.randn(n, 3, model.visual.image_size, model.visual.image_size)
+        return images, tokenize(captions, model.config.text.context_length).view(n, 4, -1)  # (n, 1 + 3, L)
+    train_step(model, *inputs(2), opt, scaler, ctx, 1.0, 2.0)
+    images, tokens = inputs(batch)
+
+    def status(key):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) / 1024  # kB -> MB
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident memory, to the current one
+    before, start = status("VmRSS"), time.perf_counter()
+    for _ in range(steps):
+        train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks)
+    return status("VmHWM") - before, steps * batch / (time.perf_counter() - start)
+
+
+def bench_memory(args):
+    """Peak memory of a training step against the global batch: plain, chunked (GradCache, --accum-chunks: chunks
+    of the plain run's batch) and with gradient checkpointing, on the default model, one process per case."""
+    import multiprocessing
+    precision = args.precisions[-1]
+    print(f"\n== memory: one training step of the default model (3 hard negatives), CPU, {precision} ==")
+    threads, spawn, rows = args.threads or torch.get_num_threads(), multiprocessing.get_context("spawn"), []
+    base = args.memory_batch
+    cases = [("plain", b, 1) for b in (base // 2, base, 2 * base, 4 * base)]
+    cases += [("checkpointed", b, 1) for b in (base, 4 * base)]
+    cases += [("chunked", k * base, k) for k in (4, 16)] + [("chunked + checkpointed", 16 * base, 16)]
+    for mode, batch, chunks in cases:
+        with spawn.Pool(1) as pool:
+            megabytes, rate = pool.apply(memory_case, (mode, batch, chunks, precision, threads))
+        rows.append([mode, batch, chunks, megabytes, rate])
+        print(f"{mode}, batch {batch}, {chunks} chunk(s): {megabytes:.0f} MB, {rate:.0f} samples/s", flush=True)
+    plain = next(r for r in rows if r[:2] == ["plain", base])
+    print_table(["mode", "global batch", "chunks", "step MB", f"MB / plain {base}'s", "samples/s",
+                 f"samples/s / plain {base}'s"],
+                [[mode, str(batch), str(chunks), f"{mb:.0f}", f"{mb / plain[3]:.2f}", f"{rate:.0f}",
+                  f"{rate / plain[4]:.2f}"] for mode, batch, chunks, mb, rate in rows])
+
+
 def precisions_for(device, requested):
     """The precisions to run: the one asked for, else fp32 and bf16 where the device has native bf16, else fp32."""
     if requested is not None:
@@ -555,7 +610,8 @@ def cpu_name():
 
 
 SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "accuracy": bench_accuracy,
-            "retrieval": bench_retrieval, "compile": bench_compile, "index": bench_index}
+            "retrieval": bench_retrieval, "compile": bench_compile, "index": bench_index,
+            "memory": bench_memory}
 
 
 def main(argv=None):
@@ -569,6 +625,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="accuracy: the trained model (default: out/shapes/last.pt)")
     p.add_argument("--index-sizes", type=int_at_least(20), nargs="+", default=[10_000, 100_000, 1_000_000],
                    help="index: the numbers of vectors")
+    p.add_argument("--memory-batch", type=int_at_least(2), default=128,
+                   help="memory: the plain run's batch that the other cases are compared with")
     args = p.parse_args(argv)
     if args.precision == "fp16":
         p.error("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")

@@ -299,6 +299,39 @@ class CLIP(nn.Module):
         a training step's activations then take about one block's worth per tower, for ~1/3 more compute."""
         self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enable
 
+    def lock(self, tower, unlocked_layers=0):
+        """Freeze the "image" or "text" tower, all but its last `unlocked_layers` residual blocks and what comes after
+        them (the final LayerNorm and the projection): LiT, "locked-image text tuning" (Zhai et al. 2022,
+        https://arxiv.org/abs/2111.07991, section 3; open_clip's lock_image_tower / lock_text_tower). Frozen
+        parameters get requires_grad False, so the optimiser holds nothing for them and autograd records no graph
+        for a frozen prefix of a tower (nothing there requires a gradient); a frozen BatchNorm stays in eval mode
+        (CLIP.train). The temperature (and SigLIP's bias) stay trainable."""
+        if tower == "image":
+            frozen, blocks = list(self.visual.parameters()), self.visual.transformer.resblocks
+            head = list(self.visual.ln_post.parameters()) + [self.visual.proj]
+        else:
+            frozen = [p for n, p in self.named_parameters()
+                      if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
+            blocks, head = self.transformer.resblocks, list(self.ln_final.parameters()) + [self.text_projection]
+        if not 0 <= unlocked_layers <= len(blocks):
+            raise ValueError(f"the {tower} tower has {len(blocks)} blocks: cannot leave {unlocked_layers} unlocked")
+        for p in frozen:
+            p.requires_grad_(False)
+        unlocked = [p for b in blocks[len(blocks) - unlocked_layers:] for p in b.parameters()]
+        for p in unlocked + (head if unlocked_layers else []):
+            p.requires_grad_(True)
+        self.train(self.training)
+        return self
+
+    def train(self, mode=True):
+        """nn.Module.train, except that a BatchNorm whose weights are frozen (lock) stays in eval mode: its running
+        statistics are part of what was locked."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
+                m.eval()
+        return self
+
     def encode_image(self, images, normalize=False):
         x = self.visual(images.to(self.dtype))  # (B, embed_dim)
         return F.normalize(x, dim=-1) if normalize else x

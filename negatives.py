@@ -6,7 +6,7 @@ Yuksekgonul et al., "When and why vision-language models behave like bags-of-wor
 (ICLR 2023, https://arxiv.org/abs/2210.01936), section 5: in a random batch almost every caption can be told apart
 by its bag of words alone, so contrastive training never needs word order or binding ("a red circle left of a blue
 star" and "a blue circle left of a red star" have the same words). NegCLIP adds, for each image, captions with
-their words swapped as extra negatives of the image->text loss (train.clip_loss); train.hard_negative_loss also
+their words swapped as extra negatives of the image->text loss (losses.clip_loss); losses.hard_negative_loss also
 ranks each image's caption above its own negatives alone (SVLC, Doveh et al. 2023). Their swaps come from a parser;
 the built-in Shapes captions use a known vocabulary (synthetic.py's word tables), so here each change is exact:
 

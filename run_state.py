@@ -24,7 +24,7 @@ from model import CheckpointError
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
             "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
-            "negative_kinds", "hard_negative_weight", "mine_every", "loss")
+            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text")
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
               "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip"}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again

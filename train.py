@@ -22,12 +22,12 @@ import random
 import sys
 import time
 from dataclasses import replace
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from adapters import METHODS as FEW_SHOT_METHODS
@@ -35,6 +35,7 @@ from checkpoints import load_checkpoint
 from data import (check_images, collate_skip_bad, count_truncated, CaptionTrainDataset, EpochSampler,
                   minimal_pair_group, read_captions, ShardedBatches)
 from evaluate import first_image_pixels, free_cores, loader_workers
+from losses import clip_loss, gather_with_grad, hard_negative_loss, siglip_loss
 from model import CheckpointError, CLIP, CLIPConfig
 from negatives import even_odds, KINDS, mined_odds, sample_negatives
 from run_state import (file_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
@@ -102,6 +103,14 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["clip", "siglip"], default="clip",
                    help="clip: softmax InfoNCE (clip_loss); siglip: sigmoid pairs with a learnable bias (siglip_loss; "
                         "the model gets a logit bias at -10 and the temperature starts at 10)")
+    p.add_argument("--accum-chunks", type=int_at_least(1), default=1,
+                   help="encode each batch in this many chunks and backpropagate the full batch's loss chunk by chunk "
+                        "(GradCache, chunked_backward): the same step with a chunk's activations in memory, ~1/3 slower")
+    p.add_argument("--lock-image", type=int_at_least(0), nargs="?", const=0, default=None, metavar="N",
+                   help="LiT: freeze the image tower (CLIP.lock), all but its last N blocks if N is given; for a "
+                        "pretrained --init")
+    p.add_argument("--lock-text", type=int_at_least(0), nargs="?", const=0, default=None, metavar="N",
+                   help="freeze the text tower, all but its last N blocks if N is given")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each residual block in the backward pass: less memory for a larger batch, slower")
     p.add_argument("--save-every", type=int_at_least(1), default=200,
@@ -112,73 +121,11 @@ def get_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--method", choices=METHODS, default=None, help="adapt a pretrained CLIP instead (see below)")
     args = p.parse_args(argv)
+    if args.accum_chunks > args.batch_size:
+        p.error(f"--accum-chunks {args.accum_chunks} is more chunks than --batch-size {args.batch_size} has images")
     if args.text_lr_scale is None:  # from scratch a slower text tower learns more (README, the probe's ablation)
         args.text_lr_scale = 0.3 if args.init == "scratch" else 1.0
     return args
-
-
-# -----------------------------------------------------------------------------
-# The loss
-
-
-def clip_loss(image_features, text_features, logit_scale, negative_features=None, negative_valid=None):
-    """Symmetric InfoNCE (CLIP Figure 3): the i-th image and the i-th caption are the positive pair, every other
-    pairing in the batch is a negative. Cross-entropy over each row (image -> captions) and each column
-    (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised.
-    NegCLIP (Yuksekgonul et al. 2023, section 5): hard-negative captions (N, D) are extra columns of the
-    image -> caption side only, shared by the whole batch; negative_valid (N,) masks out missing ones."""
-    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
-    logits_per_text = logits_per_image.T  # (B, B)
-    if negative_features is not None:
-        hard = logit_scale * image_features @ negative_features.T  # (B, N)
-        if negative_valid is not None:
-            hard = hard.masked_fill(~negative_valid, float("-inf"))
-        logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N)
-    labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, negative_features=None, negative_valid=None):
-    """The sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", section 3 and
-    Algorithm 1): every (image, caption) pair of the batch is its own binary problem, match (label +1, the diagonal)
-    or not (-1), with logits logit_scale * cosine + logit_bias; -log sigmoid(label * logit) summed over the B x B
-    pairs and divided by B (open_clip loss.py, SigLipLoss). No softmax couples a row, so there is nothing to
-    normalise across the batch. Hard-negative captions (N, D) are extra columns labelled -1 for every image;
-    negative_valid (N,) masks out missing ones."""
-    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
-    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # (B, B): +1 on the diagonal, -1 elsewhere
-    loss = -F.logsigmoid(labels * logits).sum()
-    if negative_features is not None:
-        hard = logit_scale * image_features @ negative_features.T + logit_bias  # (B, N), all labelled -1
-        valid = torch.ones_like(hard) if negative_valid is None else negative_valid.to(hard.dtype).expand_as(hard)
-        loss = loss - (F.logsigmoid(-hard) * valid).sum()
-    return loss / image_features.shape[0]
-
-
-def hard_negative_loss(image_features, text_features, negative_features, negative_valid, logit_scale):
-    """Each image against its own caption and its own K hard negatives only: cross-entropy over 1 + K scaled cosines,
-    the true caption at index 0 (the "negatives loss" of SVLC, Doveh et al. 2023, "Teaching Structured
-    Vision&Language Concepts to Vision&Language Models", section 3.3). In clip_loss those K captions are a few of
-    B + B*K columns and every easy column dilutes them; here they are all there is, so the only way down is to rank
-    "a red star left of a blue circle" above "a blue circle left of a red star" for this image. Features are
-    L2-normalised: image (B, D), caption (B, D), negatives (B, K, D); negative_valid (B, K) masks missing ones."""
-    positive = (image_features * text_features).sum(dim=-1, keepdim=True)  # (B, 1)
-    negative = torch.einsum("bd,bkd->bk", image_features, negative_features)  # (B, K)
-    present = F.pad(negative_valid, (1, 0), value=True)  # (B, 1 + K): the caption itself is always there
-    logits = (logit_scale * torch.cat([positive, negative], dim=1)).masked_fill(~present, float("-inf"))  # (B, 1 + K)
-    labels = torch.zeros(image_features.shape[0], dtype=torch.long, device=image_features.device)
-    return F.cross_entropy(logits, labels)
-
-
-def gather_with_grad(x):
-    """All processes' features, concatenated in rank order, so the loss sees the global batch as negatives.
-    torch.distributed.nn.all_gather passes gradients back to each process's own shard (a plain dist.all_gather
-    would cut the graph). Every process then computes the same global loss; DDP averages the gradients, which
-    gives exactly the single-process gradient on the global batch (open_clip loss.py, gather_with_grad)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    import torch.distributed.nn  # registers the autograd-aware collectives
-    return torch.cat(torch.distributed.nn.all_gather(x), dim=0)  # (world * B, D)
 
 
 def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
@@ -205,19 +152,12 @@ def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
-def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0):
-    """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
-    finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
-    negatives per caption after the true one (all-zero rows: none), which also add hard_negative_weight times
-    hard_negative_loss. A model with a logit bias (CLIPConfig.init_logit_bias) trains with siglip_loss, any
-    other with clip_loss."""
-    B = images.shape[0]
-    captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
-    with ctx:  # the towers run under autocast; the loss below is computed in fp32
-        image_features, text_features, logit_scale = model(images, captions)
-    image_features, text_features = gather_with_grad(image_features.float()), text_features.float()
-    logit_scale, bias = logit_scale.float(), (model.module if hasattr(model, "module") else model).logit_bias
-    negatives = valid = None
+def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, hard_negative_weight):
+    """The loss of one batch from this process's features (gathered here, so it is the global batch's loss): image
+    (B, D) and caption features (B * (1 + K), D) in fp32, tokens (B, L) or (B, 1 + K, L) as in train_step. clip_loss,
+    or siglip_loss for a model with a logit bias, plus hard_negative_weight x hard_negative_loss with K > 0."""
+    B = image_features.shape[0]
+    image_features, negatives, valid = gather_with_grad(image_features), None, None
     if tokens.ndim == 2:
         positives = gather_with_grad(text_features)  # (world * B, D)
     else:
@@ -225,18 +165,81 @@ def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_ne
         positives = gather_with_grad(text_features[:, 0])  # (world * B, D)
         negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (world * B * K, D)
         valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (world * B * K,)
-    if bias is None:
+    if logit_bias is None:
         loss = clip_loss(image_features, positives, logit_scale, negatives, valid)
     else:
-        loss = siglip_loss(image_features, positives, logit_scale, bias.float(), negatives, valid)
+        loss = siglip_loss(image_features, positives, logit_scale, logit_bias, negatives, valid)
     if negatives is not None and hard_negative_weight:
         K = tokens.shape[1] - 1
         own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
         loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
+    return loss
+
+
+def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler):
+    """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
+    https://arxiv.org/abs/2101.06983, section 3.2): the gradients of the full batch's loss, with the activations of
+    only one chunk of it in memory at a time. 1) Encode the batch chunk by chunk without a graph and keep only the
+    features. 2) The loss of the full batch on those features, and its gradient with respect to each feature (and the
+    temperature, and SigLIP's bias). 3) Encode each chunk again, with a graph, and backpropagate its rows of that
+    cached gradient: the weights' gradients add up to those of the unchunked step. Exact for a model without
+    BatchNorm; BatchNorm (the conv stem) normalises each chunk on its own, as each process's share under DDP.
+    Returns the loss; the gradients are in the parameters' .grad."""
+    captions_per_image = captions.shape[0] // images.shape[0]  # 1 + K
+    image_chunks = images.chunk(chunks)
+    caption_chunks = captions.split([len(x) * captions_per_image for x in image_chunks])
+    raw = model.module if hasattr(model, "module") else model
+    buffers = [b.clone() for b in raw.buffers()]
+    with torch.no_grad(), ctx:  # 1)
+        cached = [model(x, t) for x, t in zip(image_chunks, caption_chunks)]
+    for b, saved in zip(raw.buffers(), buffers):  # 1) must not move BatchNorm's running statistics: 3) will
+        b.copy_(saved)
+    image_features = torch.cat([c[0] for c in cached]).float().requires_grad_()  # (B, D)
+    text_features = torch.cat([c[1] for c in cached]).float().requires_grad_()  # (B * (1 + K), D)
+    logit_scale = cached[0][2].float().requires_grad_()
+    bias = None if raw.logit_bias is None else raw.logit_bias.detach().float().requires_grad_()
+    loss = loss_of(image_features, text_features, logit_scale, bias)  # 2)
+    if not torch.isfinite(loss):
+        return loss
+    scaler.scale(loss).backward()
+    image_grads = image_features.grad.split([len(x) for x in image_chunks])
+    text_grads = text_features.grad.split([len(t) for t in caption_chunks])
+    for i, (x, t) in enumerate(zip(image_chunks, caption_chunks)):  # 3)
+        last = i == len(image_chunks) - 1  # DDP averages the gradients across processes once, after the last chunk
+        with model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext():
+            with ctx:
+                chunk_image, chunk_text, chunk_scale = model(x, t)
+            pairs = [(chunk_image, image_grads[i]), (chunk_text, text_grads[i])]
+            if last:  # the temperature's and the bias's gradients, once
+                pairs.append((chunk_scale, logit_scale.grad))
+                if bias is not None:
+                    pairs.append((raw.logit_bias, bias.grad))
+            pairs = [(out.float(), grad) for out, grad in pairs if out.requires_grad]  # a locked tower has none
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+    return loss
+
+
+def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0, chunks=1):
+    """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
+    finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
+    negatives per caption after the true one (all-zero rows: none), which also add hard_negative_weight times
+    hard_negative_loss. A model with a logit bias (CLIPConfig.init_logit_bias) trains with siglip_loss, any
+    other with clip_loss. chunks > 1: the same step with one chunk's activations in memory (chunked_backward)."""
+    captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
+    loss_of = partial(batch_loss, tokens=tokens, hard_negative_weight=hard_negative_weight)
+    if chunks > 1:
+        loss = chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler)
+    else:
+        with ctx:  # the towers run under autocast; the loss is computed in fp32
+            image_features, text_features, logit_scale = model(images, captions)
+        bias = (model.module if hasattr(model, "module") else model).logit_bias
+        loss = loss_of(image_features.float(), text_features.float(), logit_scale.float(),
+                       None if bias is None else bias.float())
+        if torch.isfinite(loss):
+            scaler.scale(loss).backward()
     if not torch.isfinite(loss):  # skip: one bad batch must not poison the weights
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), None
-    scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's GradScaler skips such steps by itself
@@ -389,8 +392,15 @@ def train(args, argv=()):
                              f"{'siglip' if model.logit_bias is not None else 'clip'} loss (a model has a logit bias "
                              "for siglip only); pass that --loss")
     model.to(device)
+    for tower, unlocked in (("image", args.lock_image), ("text", args.lock_text)):
+        if unlocked is not None:  # before the optimizer is built: it then holds no state for frozen weights
+            model.lock(tower, unlocked)
+            print(f"locked the {tower} tower" + (f", all but its last {unlocked} blocks" if unlocked else ""))
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
+    if args.accum_chunks > 1 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        print(f"note: --accum-chunks: the conv stem's BatchNorm normalises each chunk of {args.batch_size} / "
+              f"{args.accum_chunks} images on its own, so the step is close to, not exactly, the unchunked one")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)
@@ -440,7 +450,7 @@ def train(args, argv=()):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before lr_scale: 1
                 loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip,
-                                             args.hard_negative_weight)
+                                             args.hard_negative_weight, args.accum_chunks)
                 step += 1
                 if grad_norm is None:  # a non-finite step was skipped; five in a row stop the run
                     non_finite += 1

@@ -104,7 +104,7 @@ def grad_of(fn, *inputs, wrt=0, seed=99):
 
 
 def clip_loss_checks(learner):
-    from train import clip_loss
+    from losses import clip_loss
     fn = learner.clip_loss
     img, txt = pairs(8, 16, seed=1)
     img5, txt5 = pairs(5, 32, seed=2, noise=0.5)
@@ -395,7 +395,7 @@ def hard_negative_inputs(seed):
 
 
 def hard_negative_loss_checks(learner):
-    from train import hard_negative_loss
+    from losses import hard_negative_loss
     fn = learner.hard_negative_loss
     img, txt, neg, valid = hard_negative_inputs(26)
     every = torch.ones_like(valid)
@@ -484,7 +484,7 @@ EXERCISES = {e.name: e for e in [
         "clip_loss", "symmetric InfoNCE loss over a batch of pairs", 30,
         f"{CLIP}, Figure 3 and section 2.3; open_clip src/open_clip/loss.py (ClipLoss); bonus: NegCLIP, "
         "Yuksekgonul et al. 2023, https://arxiv.org/abs/2210.01936, section 5",
-        {"clip_loss": "train:clip_loss"},
+        {"clip_loss": "losses:clip_loss"},
         ("The logits are logit_scale * image_features @ text_features.T, a (B, B) matrix whose diagonal holds the "
          "matching pairs. Which class is right for row i?",
          "labels = torch.arange(B). F.cross_entropy(logits, labels) is the image -> text half; the text -> image half "
@@ -599,7 +599,7 @@ EXERCISES = {e.name: e for e in [
         "hard_negative_loss", "each image against its own hard-negative captions (SVLC / NegCLIP)", 25,
         "SVLC, Doveh et al. 2023, https://arxiv.org/abs/2211.11733, section 3.3; NegCLIP, Yuksekgonul et al. 2023, "
         "https://arxiv.org/abs/2210.01936, section 5",
-        {"hard_negative_loss": "train:hard_negative_loss"},
+        {"hard_negative_loss": "losses:hard_negative_loss"},
         ("For image i there are 1 + K candidates: its caption and its K negatives. positive = (image * text)"
          ".sum(-1, keepdim=True) is (B, 1); torch.einsum('bd,bkd->bk', image, negatives) is (B, K).",
          "Concatenate to (B, 1 + K) logits, times logit_scale. The right answer is index 0 for every row: labels "

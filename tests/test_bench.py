@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 from bench import clip_flops, transformer_flops
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from train import clip_loss
+from losses import clip_loss
 
 TINY = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
                   text=TextConfig(context_length=12, vocab_size=100, width=32, heads=2, layers=2))

@@ -234,7 +234,7 @@ def hard_negative_ignores_mask(image_features, text_features, negative_features,
 
 
 def hard_negative_no_temperature(image_features, text_features, negative_features, negative_valid, logit_scale):
-    return resolve("train:hard_negative_loss")(image_features, text_features, negative_features, negative_valid,
+    return resolve("losses:hard_negative_loss")(image_features, text_features, negative_features, negative_valid,
                                                torch.tensor(1.0))
 
 
@@ -449,7 +449,7 @@ def test_start_copies_the_stubs_and_keeps_existing_work(tmp_path, capsys):
 def test_list_shows_each_status(tmp_path, capsys):
     ws = tmp_path / "ws"
     run_cli(capsys, "start", str(ws))
-    (ws / "clip_loss.py").write_text("from train import clip_loss\n")
+    (ws / "clip_loss.py").write_text("from losses import clip_loss\n")
     (ws / "eot_pool.py").write_text("def eot_pool(x, tokens):\n    return x[:, -1]\n")
     (ws / "bpe.py").unlink()
     code, out, _ = run_cli(capsys, "list", "--workspace", str(ws))

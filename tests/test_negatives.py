@@ -1,4 +1,4 @@
-"""negatives.py (NegCLIP-style hard-negative captions) and the hard-negative term of train.clip_loss."""
+"""negatives.py (NegCLIP-style hard-negative captions) and the hard-negative term of losses.clip_loss."""
 import json
 import math
 from pathlib import Path
@@ -13,7 +13,7 @@ from synthetic import SHAPES
 from synthetic import make_captions, sample_scene, STYLES
 from model import CLIP, CLIPConfig
 from tokenizer import tokenize
-from train import clip_loss, hard_negative_loss
+from losses import clip_loss, hard_negative_loss
 
 PAIR = "A small red circle to the left of a big blue star on a striped background."
 

@@ -14,7 +14,8 @@ import torch
 from checkpoints import load_checkpoint
 from model import CLIP, CLIPConfig
 from oracles import ROOT
-from train import clip_loss, configure_optimizer, get_args, get_lr, siglip_loss, train_step
+from losses import clip_loss, siglip_loss
+from train import configure_optimizer, get_args, get_lr, train_step
 
 XS = str(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
 

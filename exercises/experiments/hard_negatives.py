@@ -5,7 +5,7 @@ In a random batch of Shapes captions the colour words alone pick the right capti
 never needs shape, attribute binding or word order, and does not learn them (the ARO benchmark of Yuksekgonul et al.
 2023, https://arxiv.org/abs/2210.01936, asks the same of real CLIPs). NegCLIP (section 5 there) adds hard-negative
 captions, the true caption with one thing changed (negatives.py), as extra columns of the loss; SVLC's loss (Doveh et
-al. 2023, https://arxiv.org/abs/2211.11733, section 3.3), train.hard_negative_loss, ranks each image's caption above
+al. 2023, https://arxiv.org/abs/2211.11733, section 3.3), losses.hard_negative_loss, ranks each image's caption above
 its own negatives. This script trains four variants for the same number of steps and plots the probe: zero-shot
 questions about new scenes whose answers differ only in the probed words (probe.py).
 

@@ -1,0 +1,74 @@
+"""
+The contrastive losses of CLIP training, each written once: CLIP's symmetric InfoNCE with NegCLIP's hard-negative
+columns (clip_loss), SigLIP's sigmoid pairs (siglip_loss), each image against its own hard negatives only
+(hard_negative_loss), and gathering features across processes so every loss sees the global batch
+(gather_with_grad). train.py computes them in fp32 on L2-normalised features.
+
+References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3; NegCLIP (Yuksekgonul et al.
+2023, https://arxiv.org/abs/2210.01936) section 5; SVLC (Doveh et al. 2023, https://arxiv.org/abs/2211.11733)
+section 3.3; SigLIP (Zhai et al. 2023, https://arxiv.org/abs/2303.15343) section 3; open_clip's loss.py
+(https://github.com/mlfoundations/open_clip, ClipLoss, SigLipLoss, gather_features).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def clip_loss(image_features, text_features, logit_scale, negative_features=None, negative_valid=None):
+    """Symmetric InfoNCE (CLIP Figure 3): the i-th image and the i-th caption are the positive pair, every other
+    pairing in the batch is a negative. Cross-entropy over each row (image -> captions) and each column
+    (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised.
+    NegCLIP (Yuksekgonul et al. 2023, section 5): hard-negative captions (N, D) are extra columns of the
+    image -> caption side only, shared by the whole batch; negative_valid (N,) masks out missing ones."""
+    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+    logits_per_text = logits_per_image.T  # (B, B)
+    if negative_features is not None:
+        hard = logit_scale * image_features @ negative_features.T  # (B, N)
+        if negative_valid is not None:
+            hard = hard.masked_fill(~negative_valid, float("-inf"))
+        logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N)
+    labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, negative_features=None, negative_valid=None):
+    """The sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", section 3 and
+    Algorithm 1): every (image, caption) pair of the batch is its own binary problem, match (label +1, the diagonal)
+    or not (-1), with logits logit_scale * cosine + logit_bias; -log sigmoid(label * logit) summed over the B x B
+    pairs and divided by B (open_clip loss.py, SigLipLoss). No softmax couples a row, so there is nothing to
+    normalise across the batch. Hard-negative captions (N, D) are extra columns labelled -1 for every image;
+    negative_valid (N,) masks out missing ones."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # (B, B): +1 on the diagonal, -1 elsewhere
+    loss = -F.logsigmoid(labels * logits).sum()
+    if negative_features is not None:
+        hard = logit_scale * image_features @ negative_features.T + logit_bias  # (B, N), all labelled -1
+        valid = torch.ones_like(hard) if negative_valid is None else negative_valid.to(hard.dtype).expand_as(hard)
+        loss = loss - (F.logsigmoid(-hard) * valid).sum()
+    return loss / image_features.shape[0]
+
+
+def hard_negative_loss(image_features, text_features, negative_features, negative_valid, logit_scale):
+    """Each image against its own caption and its own K hard negatives only: cross-entropy over 1 + K scaled cosines,
+    the true caption at index 0 (the "negatives loss" of SVLC, Doveh et al. 2023, "Teaching Structured
+    Vision&Language Concepts to Vision&Language Models", section 3.3). In clip_loss those K captions are a few of
+    B + B*K columns and every easy column dilutes them; here they are all there is, so the only way down is to rank
+    "a red star left of a blue circle" above "a blue circle left of a red star" for this image. Features are
+    L2-normalised: image (B, D), caption (B, D), negatives (B, K, D); negative_valid (B, K) masks missing ones."""
+    positive = (image_features * text_features).sum(dim=-1, keepdim=True)  # (B, 1)
+    negative = torch.einsum("bd,bkd->bk", image_features, negative_features)  # (B, K)
+    present = F.pad(negative_valid, (1, 0), value=True)  # (B, 1 + K): the caption itself is always there
+    logits = (logit_scale * torch.cat([positive, negative], dim=1)).masked_fill(~present, float("-inf"))  # (B, 1 + K)
+    labels = torch.zeros(image_features.shape[0], dtype=torch.long, device=image_features.device)
+    return F.cross_entropy(logits, labels)
+
+
+def gather_with_grad(x):
+    """All processes' features, concatenated in rank order, so the loss sees the global batch as negatives.
+    torch.distributed.nn.all_gather passes gradients back to each process's own shard (a plain dist.all_gather
+    would cut the graph). Every process then computes the same global loss; DDP averages the gradients, which
+    gives exactly the single-process gradient on the global batch (open_clip loss.py, gather_with_grad)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn  # registers the autograd-aware collectives
+    return torch.cat(torch.distributed.nn.all_gather(x), dim=0)  # (world * B, D)
