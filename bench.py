@@ -581,7 +581,8 @@ def bench_memory(args):
     base = args.memory_batch
     cases = [("plain", b, 1) for b in (base // 2, base, 2 * base, 4 * base)]
     cases += [("checkpointed", b, 1) for b in (base, 4 * base)]
-    cases += [("chunked", k * base, k) for k in (4, 16)] + [("chunked + checkpointed", 16 * base, 16)]
+    cases += [("chunked", 4 * base, 4)] + [("chunked", 16 * base, k) for k in (16, 32, 64)]
+    cases += [("chunked + checkpointed", 16 * base, k) for k in (16, 32)]
     for mode, batch, chunks in cases:
         with spawn.Pool(1) as pool:
             megabytes, rate = pool.apply(memory_case, (mode, batch, chunks, precision, threads))

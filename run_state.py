@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 from checkpoints import save_checkpoint, torch_load
 from model import CheckpointError
+from shards import expand_shards, is_shards
 
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
             "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
-            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text")
+            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text",
+            "workers")  # tar shards: the batches depend on the number of DataLoader workers
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
               "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip"}  # the value a run saved before that key existed had
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
@@ -95,6 +97,15 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def data_digest(data):
+    """What --resume checks is unchanged: a caption file's SHA-256, or for tar shards (shards.py; too big to read
+    again) the SHA-256 of their names and sizes."""
+    if is_shards(data):
+        listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in expand_shards(data))
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return file_digest(data)
+
+
 def resumed_args(args, argv, saved, world):
     """--resume continues OUT/last.pt as the same run: what defines it (data, model, schedule) comes from the
     checkpoint; a defining flag typed on this command line with another value is reported and ignored. (To train
@@ -111,7 +122,7 @@ def resumed_args(args, argv, saved, world):
                   f"the run uses {saved.get(key, BEFORE_KEY.get(key))}")
     kept = {k: saved.get(k, BEFORE_KEY.get(k)) for k in RUN_KEYS}
     kept |= {k: saved[k] for k in SCHEDULE_KEYS if k in saved and k not in typed}
-    if saved.get("data_sha256") not in (None, file_digest(saved["data"])):
+    if saved.get("data_sha256") not in (None, data_digest(saved["data"])):
         raise ValueError(f"--resume: {saved['data']} has changed since the run started (its sha256 differs), so the "
                          "data order would change: restore it, or start a new run with --init OUT/last.pt")
     return argparse.Namespace(**{**vars(args), **kept})
