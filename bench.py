@@ -541,11 +541,12 @@ def bench_index(args):
     print_table(["vectors", "index", "parameters", "build s", "MB", "p50 ms", "p99 ms", "recall@10"], rows)
 
 
-def memory_case(mode, batch, chunks, precision, threads, steps=2):
+def memory_case(mode, batch, chunks, precision, threads, steps=3):
     """In a fresh process (multiprocessing spawn, so no case inherits another's freed memory): the default model,
     one warm-up step at batch 2 (it creates AdamW's state), then `steps` train.train_step calls at `batch` with 3
     hard negatives per caption, as the default training run. Returns (step MB: the peak resident memory of those
-    steps above the memory before them, read from /proc/self/status VmHWM after resetting it; samples/s)."""
+    steps above the memory before them, read from /proc/self/status VmHWM after resetting it; samples/s of the
+    median step)."""
     from train import configure_optimizer, train_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -565,10 +566,12 @@ def memory_case(mode, batch, chunks, precision, threads, steps=2):
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
         return int(line.split()[1]) / 1024  # kB -> MB
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident memory, to the current one
-    before, start = status("VmRSS"), time.perf_counter()
+    before, seconds = status("VmRSS"), []
     for _ in range(steps):
+        start = time.perf_counter()
         train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks)
-    return status("VmHWM") - before, steps * batch / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return status("VmHWM") - before, batch / statistics.median(seconds)
 
 
 def bench_memory(args):
