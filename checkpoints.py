@@ -34,6 +34,7 @@ __all__ = ["load_checkpoint", "save_checkpoint", "atomic_save", "torch_load", "i
 
 # Hugging Face CLIPModel -> OpenAI names. q/k/v are fused and the projections transposed in convert_state_dict.
 HF_TO_OPENAI = [  # (HF substring, OpenAI substring), applied in order
+    ("vision_model.embeddings.patch_embedding.stem.", "visual.stem."),  # MiniCLIP's conv stem (export.py)
     ("vision_model.embeddings.patch_embedding.", "visual.conv1."),
     ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
     ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
@@ -114,9 +115,10 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path):
+def read_safetensors(path, metadata=False):
     """A .safetensors file is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}
-    and the raw little-endian tensor bytes; reading it needs no extra package."""
+    and the raw little-endian tensor bytes; reading it needs no extra package. metadata=True: (tensors, the
+    header's "__metadata__" {str: str}, where export.py writes our config)."""
     raw = bytearray(Path(path).read_bytes())
     if len(raw) < 8:
         raise CheckpointError(f"{path}: {len(raw)} bytes, too short for a safetensors file (it starts with 8 bytes "
@@ -131,8 +133,9 @@ def read_safetensors(path):
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header must be a JSON object, found {type(header).__name__}")
-    return {name: safetensors_tensor(raw, 8 + n, name, info, path)
-            for name, info in header.items() if name != "__metadata__"}
+    tensors = {name: safetensors_tensor(raw, 8 + n, name, info, path)
+               for name, info in header.items() if name != "__metadata__"}
+    return (tensors, header.get("__metadata__") or {}) if metadata else tensors
 
 
 def safetensors_tensor(raw, start, name, info, path):
@@ -162,10 +165,10 @@ def naturals(x):
     return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
 
 
-def read_json_object(path):
-    """A JSON file that must hold one object {...}."""
+def read_json_object(path, text=None):
+    """A JSON file that must hold one object {...} (text: its content, already read; path then names the place)."""
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_text() if text is None else text)
     except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -197,7 +200,7 @@ def hf_towers(d, v, t):
     vw, tw = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = VisionConfig(image_size=v.get("image_size", 224), layers=v.get("num_hidden_layers", 12), width=vw,
                           patch_size=v.get("patch_size", 32), head_width=vw // v.get("num_attention_heads", 12),
-                          mlp_ratio=v.get("intermediate_size", 3072) / vw)
+                          mlp_ratio=v.get("intermediate_size", 3072) / vw, stem_channels=v.get("stem_channels", []))
     text = TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
                       width=tw, heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
                       mlp_ratio=t.get("intermediate_size", 2048) / tw)
@@ -318,7 +321,12 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_torchscript(path):
         return read_torchscript(path)
-    obj = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path)
+    if path.suffix == ".safetensors":
+        obj, meta = read_safetensors(path, metadata=True)
+        if "miniclip_config" in meta:  # written by export.py: our keys, and our config in the header
+            obj = {"model": obj, "config": read_json_object(f"{path} ['miniclip_config']", meta["miniclip_config"])}
+    else:
+        obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict (a dict of tensors) or a checkpoint dict holding one, "
                               f"found {type(obj).__name__}; save model.state_dict()")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from model import CLIP, CLIPConfig
-from oracles import ROOT
 from test_train import losses, run_train, tiny_data, weights, XS  # noqa: F401 (tiny_data is a fixture)
 from tokenizer import tokenize
 from train import configure_optimizer, train_step
