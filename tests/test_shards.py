@@ -264,7 +264,8 @@ def test_cli_writes_a_split_and_prints_the_pattern(images, tmp_path):
 
 def test_train_py_on_shards_resumes_after_sigkill_to_the_same_weights(tmp_path):
     """train.py --data 'shards-{...}.tar': the built-in-style data written as 4 shards; a run killed part-way and
-    resumed ends with the weights of an uninterrupted one (the stream picks up at the sample it stopped at)."""
+    resumed ends with the weights of an uninterrupted one (the stream picks up at the sample it stopped at). Both
+    runs take their steps in 2 chunks (--accum-chunks), which a resume must not disturb either."""
     import signal
     import time
     from synthetic import generate
@@ -274,10 +275,11 @@ def test_train_py_on_shards_resumes_after_sigkill_to_the_same_weights(tmp_path):
     written = write_shards(read_captions(data, "train"), data.parent / "images", tmp_path / "tar", per_shard=24)
     spec = tmp_path / "tar" / f"shards-{{000000..{len(written) - 1:06d}}}.tar"
     steps = 40  # 12 batches of 8 per epoch: the run crosses epochs
-    result = run_train(tmp_path / "straight", spec, steps=steps)
+    chunks = ("--accum-chunks", "2")
+    result = run_train(tmp_path / "straight", spec, *chunks, steps=steps)
     assert "96 samples in 4 shards" in result.stdout
     killed = tmp_path / "killed"
-    proc = run_train(killed, spec, steps=steps, wait=False)
+    proc = run_train(killed, spec, *chunks, steps=steps, wait=False)
     deadline = time.time() + 300
     while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -286,6 +288,6 @@ def test_train_py_on_shards_resumes_after_sigkill_to_the_same_weights(tmp_path):
     proc.wait()
     killed_at = torch.load(killed / "last.pt", weights_only=True)["step"]
     assert 0 < killed_at < steps, "the run finished before it could be killed; make it longer"
-    run_train(killed, spec, "--resume", steps=steps)
+    run_train(killed, spec, "--resume", *chunks, steps=steps)
     a, b = weights(tmp_path / "straight"), weights(killed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
