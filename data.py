@@ -297,16 +297,24 @@ class CaptionTrainDataset(Dataset):
             image = self.decoded(i)
         except ImageLoadError as e:  # a bad file must not kill a long run: mark it, collate_skip_bad drops it
             return BadSample(str(self.image_root / self.records[i].image), str(e))
-        with torch.random.fork_rng(devices=[]):  # the augmentation's torch RNG, seeded per sample, then restored
-            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU generator only: torch.manual_seed
-            # also queues a seed for every GPU backend, with a stack trace each time (~1 ms per image)
-            pixels = self.transform(image)
-        if self.negatives is None:
-            return pixels, tokenize(caption, self.context_length, truncate=True)[0]  # (L,)
-        found = self.negatives(caption, self.k, np.random.default_rng(rng.getrandbits(63)))
-        tokens = torch.zeros(1 + self.k, self.context_length, dtype=torch.long)  # (1 + k, L)
-        tokens[:1 + len(found)] = tokenize([caption] + found, self.context_length, truncate=True)
-        return pixels, tokens
+        return training_sample(image, caption, rng, self.transform, self.context_length, self.negatives, self.k)
+
+
+def training_sample(image, caption, rng, transform, context_length, negatives=None, k=0):
+    """A decoded uint8 (3, H, W) image and its caption -> (pixels, tokens): the augmentation under a torch RNG seeded
+    from rng (a random.Random), and the caption's tokens (L,), or with negatives the caption and its up to k
+    hard-negative captions (1 + k, L), all-zero rows where there are fewer (shards.ShardStream makes its samples
+    with it too)."""
+    with torch.random.fork_rng(devices=[]):  # the augmentation's torch RNG, seeded per sample, then restored
+        torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU generator only: torch.manual_seed
+        # also queues a seed for every GPU backend, with a stack trace each time (~1 ms per image)
+        pixels = transform(image)
+    if negatives is None:
+        return pixels, tokenize(caption, context_length, truncate=True)[0]  # (L,)
+    found = negatives(caption, k, np.random.default_rng(rng.getrandbits(63)))
+    tokens = torch.zeros(1 + k, context_length, dtype=torch.long)  # (1 + k, L)
+    tokens[:1 + len(found)] = tokenize([caption] + found, context_length, truncate=True)
+    return pixels, tokens
 
 
 def collate_skip_bad(batch):

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import BadSample, check_images, collate_skip_bad, read_captions, sample_rng
-from tokenizer import tokenize
+from data import BadSample, check_images, collate_skip_bad, read_captions, sample_rng, training_sample
 from transform import ImageLoadError, load_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes (--output_format, --encode_format)
@@ -188,15 +187,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             image = torch.from_numpy(np.array(load_image(file))).permute(2, 0, 1)  # (3, H, W) uint8
         except ImageLoadError as e:  # marked, and dropped by collate_skip_bad
             return BadSample(where, str(e).replace(str(file), where))
-        with torch.random.fork_rng(devices=[]):  # the augmentation's torch RNG, seeded per sample, then restored
-            torch.default_generator.manual_seed(rng.getrandbits(63))
-            pixels = self.transform(image)
-        if self.negatives is None:
-            return pixels, tokenize(caption, self.context_length, truncate=True)[0]  # (L,)
-        found = self.negatives(caption, self.k, np.random.default_rng(rng.getrandbits(63)))
-        tokens = torch.zeros(1 + self.k, self.context_length, dtype=torch.long)  # (1 + k, L)
-        tokens[:1 + len(found)] = tokenize([caption] + found, self.context_length, truncate=True)
-        return pixels, tokens
+        return training_sample(image, caption, rng, self.transform, self.context_length, self.negatives, self.k)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -266,10 +266,8 @@ def test_train_py_on_shards_resumes_after_sigkill_to_the_same_weights(tmp_path):
     """train.py --data 'shards-{...}.tar': the built-in-style data written as 4 shards; a run killed part-way and
     resumed ends with the weights of an uninterrupted one (the stream picks up at the sample it stopped at). Both
     runs take their steps in 2 chunks (--accum-chunks), which a resume must not disturb either."""
-    import signal
-    import time
     from synthetic import generate
-    from test_train import run_train, weights
+    from test_train import killed_and_resumed, run_train, weights
     data = generate(tmp_path / "shapes", seed=1, n_train=96, n_val=16, n_test=16, image_size=32, workers=1)
     from data import read_captions
     written = write_shards(read_captions(data, "train"), data.parent / "images", tmp_path / "tar", per_shard=24)
@@ -279,15 +277,6 @@ def test_train_py_on_shards_resumes_after_sigkill_to_the_same_weights(tmp_path):
     result = run_train(tmp_path / "straight", spec, *chunks, steps=steps)
     assert "96 samples in 4 shards" in result.stdout
     killed = tmp_path / "killed"
-    proc = run_train(killed, spec, *chunks, steps=steps, wait=False)
-    deadline = time.time() + 300
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(killed / "last.pt", weights_only=True)["step"]
-    assert 0 < killed_at < steps, "the run finished before it could be killed; make it longer"
-    run_train(killed, spec, "--resume", *chunks, steps=steps)
+    killed_and_resumed(killed, spec, *chunks, steps=steps)
     a, b = weights(tmp_path / "straight"), weights(killed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -161,21 +161,27 @@ def test_short_run_learns_and_checkpoint_loads(tiny_data, tmp_path):
     assert (out / "metrics.png").exists()
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_data, tmp_path):
-    steps, mine = 60, ("--mine-every", "3")  # odds mined every 3 steps: a resume must restore the ones in use
-    run_train(tmp_path / "straight", tiny_data, *mine, steps=steps)
-    killed = tmp_path / "killed"
-    proc = run_train(killed, tiny_data, *mine, steps=steps, wait=False)
+def killed_and_resumed(out, data, *extra, steps):
+    """Starts a run, SIGKILLs it once it has saved a checkpoint, resumes it to the end; returns the step it was
+    killed at (the caller compares the final weights with an uninterrupted run's)."""
+    proc = run_train(out, data, *extra, steps=steps, wait=False)
     deadline = time.time() + 300
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(killed / "last.pt", weights_only=True)["step"]
-    assert killed_at < steps, "the run finished before it could be killed; make it longer"
-    run_train(killed, tiny_data, "--resume", steps=steps)
-    a, b = weights(tmp_path / "straight"), weights(killed)
+    killed_at = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed; make it longer"
+    run_train(out, data, "--resume", *extra, steps=steps)
+    return killed_at
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_data, tmp_path):
+    steps, mine = 60, ("--mine-every", "3")  # odds mined every 3 steps: a resume must restore the ones in use
+    run_train(tmp_path / "straight", tiny_data, *mine, steps=steps)
+    killed_and_resumed(tmp_path / "killed", tiny_data, *mine, steps=steps)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
