@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from model import CheckpointError, CLIPConfig, TextConfig, VisionConfig, build_model, infer_config
+from model import CheckpointError, CLIPConfig, TextConfig, VisionConfig, build_model, infer_config, mlp_ratio
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"  # the shipped configs (open_clip JSON layout)
 
@@ -200,10 +200,11 @@ def hf_towers(d, v, t):
     vw, tw = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = VisionConfig(image_size=v.get("image_size", 224), layers=v.get("num_hidden_layers", 12), width=vw,
                           patch_size=v.get("patch_size", 32), head_width=vw // v.get("num_attention_heads", 12),
-                          mlp_ratio=v.get("intermediate_size", 3072) / vw, stem_channels=v.get("stem_channels", []))
+                          mlp_ratio=mlp_ratio(v.get("intermediate_size", 3072), vw),
+                          stem_channels=v.get("stem_channels", []))
     text = TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
                       width=tw, heads=t.get("num_attention_heads", 8), layers=t.get("num_hidden_layers", 12),
-                      mlp_ratio=t.get("intermediate_size", 2048) / tw)
+                      mlp_ratio=mlp_ratio(t.get("intermediate_size", 2048), tw))
     return CLIPConfig(embed_dim=d.get("projection_dim", 512), vision=vision, text=text,
                       quick_gelu=acts == {"quick_gelu"})
 

@@ -85,18 +85,19 @@ def hf_state_dict(sd):
 
 
 def hf_config(config):
-    """Our CLIPConfig -> the config.json of transformers' CLIPModel (checkpoints.hf_config reads it back)."""
+    """Our CLIPConfig -> the config.json of transformers' CLIPModel (checkpoints.hf_config reads it back). The MLP
+    widths are model.py's (and open_clip's) int(width * mlp_ratio)."""
     v, t, act = config.vision, config.text, "quick_gelu" if config.quick_gelu else "gelu"
     return {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
         "logit_scale_init_value": config.init_logit_scale, "torch_dtype": "float32",
-        "vision_config": {"hidden_size": v.width, "intermediate_size": round(v.width * v.mlp_ratio),
+        "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
                           "num_hidden_layers": v.layers, "num_attention_heads": v.width // v.head_width,
                           "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3,
                           "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": config.embed_dim},
         # eos_token_id 49407: transformers pools the text at the first EOT, as eot_pool does (the highest id)
         "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width,
-                        "intermediate_size": round(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+                        "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
                         "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
                         "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": config.embed_dim,
                         "bos_token_id": SOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID},
@@ -122,9 +123,7 @@ def write_hf_tokenizer(out, context_length):
 
 def export_hf(model, out):
     """A folder transformers.CLIPModel.from_pretrained and CLIPProcessor.from_pretrained read."""
-    if model.logit_bias is not None:
-        raise ValueError("this model was trained with the SigLIP loss; its logit bias has no place in transformers' "
-                         "CLIPModel: export --to open_clip or --to safetensors")
+    check_exportable(model, "hf")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model.config)
@@ -154,6 +153,7 @@ def export_hf(model, out):
 def export_open_clip(model, path):
     """OUT.pt (the state dict) and OUT.json (open_clip's model config). Load it in open_clip with
     open_clip.add_model_config("OUT.json"); open_clip.create_model_and_transforms("OUT", pretrained="OUT.pt")."""
+    check_exportable(model, "open_clip")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -171,6 +171,10 @@ def export_safetensors(model, path):
 
 
 def check_exportable(model, to):
+    """The two models a format cannot hold, refused before anything is written."""
+    if to == "hf" and model.logit_bias is not None:
+        raise ValueError("this model was trained with the SigLIP loss; its logit bias has no place in transformers' "
+                         "CLIPModel: export --to open_clip or --to safetensors")
     if to == "open_clip" and model.config.vision.stem_channels:
         raise ValueError(f"this model's image tower starts with a convolutional stem (stem_channels "
                          f"{model.config.vision.stem_channels}), which open_clip's ViT cannot hold (it starts with one "
@@ -190,7 +194,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         model = load_checkpoint(args.checkpoint, config=args.config)
-        check_exportable(model, args.to)
         written = EXPORTS[args.to](model, args.out)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -19,15 +19,14 @@ def clip_loss(image_features, text_features, logit_scale, negative_features=None
     pairing in the batch is a negative. Cross-entropy over each row (image -> captions) and each column
     (caption -> images) of the scaled cosine-similarity matrix, averaged. Features must be L2-normalised.
     NegCLIP (Yuksekgonul et al. 2023, section 5): hard-negative captions (N, D) are extra columns of the
-    image -> caption side only, shared by the whole batch; negative_valid (N,) marks the ones present (the others,
-    missing, are left out)."""
+    image -> caption side only, shared by the whole batch; negative_valid (N,) masks out missing ones."""
     logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
     logits_per_text = logits_per_image.T  # (B, B)
     if negative_features is not None:
+        hard = logit_scale * image_features @ negative_features.T  # (B, N)
         if negative_valid is not None:
-            negative_features = negative_features[negative_valid]  # (N', D): the present ones
-        hard = logit_scale * image_features @ negative_features.T  # (B, N')
-        logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N')
+            hard = hard.masked_fill(~negative_valid, float("-inf"))
+        logits_per_image = torch.cat([logits_per_image, hard], dim=1)  # (B, B + N)
     labels = torch.arange(image_features.shape[0], device=image_features.device)  # the diagonal
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
@@ -38,15 +37,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, negative
     or not (-1), with logits logit_scale * cosine + logit_bias; -log sigmoid(label * logit) summed over the B x B
     pairs and divided by B (open_clip loss.py, SigLipLoss). No softmax couples a row, so there is nothing to
     normalise across the batch. Hard-negative captions (N, D) are extra columns labelled -1 for every image;
-    negative_valid (N,) marks the ones present (the others, missing, are left out)."""
+    negative_valid (N,) masks out missing ones."""
     logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
     labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # (B, B): +1 on the diagonal, -1 elsewhere
     loss = -F.logsigmoid(labels * logits).sum()
     if negative_features is not None:
-        if negative_valid is not None:
-            negative_features = negative_features[negative_valid]  # (N', D): the present ones
-        hard = logit_scale * image_features @ negative_features.T + logit_bias  # (B, N'), all labelled -1
-        loss = loss - F.logsigmoid(-hard).sum()
+        hard = logit_scale * image_features @ negative_features.T + logit_bias  # (B, N), all labelled -1
+        valid = torch.ones_like(hard) if negative_valid is None else negative_valid.to(hard.dtype).expand_as(hard)
+        loss = loss - (F.logsigmoid(-hard) * valid).sum()
     return loss / image_features.shape[0]
 
 

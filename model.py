@@ -357,7 +357,7 @@ class CLIP(nn.Module):
 
     def forward(self, images, tokens):
         """Returns L2-normalised image and text features and the temperature exp(logit_scale).
-        The logits are logit_scale * image_features @ text_features.T (the loss lives in train.py)."""
+        The logits are logit_scale * image_features @ text_features.T (the losses live in losses.py)."""
         image_features = self.encode_image(images, normalize=True)  # (B, embed_dim)
         text_features = self.encode_text(tokens, normalize=True)  # (B, embed_dim)
         return image_features, text_features, self.logit_scale.exp()
@@ -369,6 +369,13 @@ class CLIP(nn.Module):
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read or does not fit the model (the message says why)."""
+
+
+def mlp_ratio(hidden, width):
+    """The mlp_ratio for which model.py's int(width * mlp_ratio) gives `hidden` back (hidden / width can land a
+    rounding error below it: 56 / 61 * 61 = 55.99...)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
 def infer_config(sd, quick_gelu=False, source="state dict"):
@@ -392,10 +399,10 @@ def infer_config(sd, quick_gelu=False, source="state dict"):
     try:
         vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
                               patch_size=patch, head_width=64, stem_channels=stem,
-                              mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
+                              mlp_ratio=mlp_ratio(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], vw))
         text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
                           heads=tw // 64, layers=count_layers("transformer.resblocks."),
-                          mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
+                          mlp_ratio=mlp_ratio(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], tw))
     except ValueError as e:  # widths below 64, or not split by heads of 64: pass a config that gives the heads
         raise CheckpointError(f"{source}: cannot infer the heads ({e}); pass a config") from None
     bias = float(sd["logit_bias"].reshape(())) if "logit_bias" in sd else None  # a SigLIP-trained model has one

@@ -25,11 +25,12 @@ from shards import expand_shards, is_shards
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
             "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
-            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text",
-            "workers")  # tar shards: the batches depend on the number of DataLoader workers
+            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text")
+SHARD_KEYS = ("workers",)  # tar shards (shards.py): the batches also depend on the number of DataLoader workers
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
               "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip"}  # the value a run saved before that key existed had
-SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split")  # --resume keeps them unless typed again
+# --resume keeps these unless typed again (how often to save and evaluate, and how a step fits in memory)
+SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split", "accum_chunks", "grad_checkpointing")
 
 
 def save_state(path, model, optimizer, scaler, step, run, odds=None):
@@ -109,18 +110,20 @@ def data_digest(data):
 def resumed_args(args, argv, saved, world):
     """--resume continues OUT/last.pt as the same run: what defines it (data, model, schedule) comes from the
     checkpoint; a defining flag typed on this command line with another value is reported and ignored. (To train
-    longer with another schedule, start a new run with --init OUT/last.pt instead.) How often to save and evaluate
-    also comes from the checkpoint, unless typed again."""
+    longer with another schedule, start a new run with --init OUT/last.pt instead.) How often to save and evaluate,
+    and how a step fits in memory (--accum-chunks, --grad-checkpointing), also come from the checkpoint, unless
+    typed again."""
     typed = {key for key in vars(args) if any(a == "--" + key.replace("_", "-") or
                                               a.startswith("--" + key.replace("_", "-") + "=") for a in argv)}
     if saved.get("world", world) != world:
         raise ValueError(f"--resume: the run was trained by {saved['world']} process(es), this is {world}; "
                          "the global batch and the data order would change")
-    for key in RUN_KEYS:
+    defining = RUN_KEYS + (SHARD_KEYS if is_shards(saved["data"]) else ())
+    for key in defining:
         if key in typed and getattr(args, key) != saved.get(key, BEFORE_KEY.get(key)):
             print(f"warning: --resume ignores --{key.replace('_', '-')} {getattr(args, key)}: "
                   f"the run uses {saved.get(key, BEFORE_KEY.get(key))}")
-    kept = {k: saved.get(k, BEFORE_KEY.get(k)) for k in RUN_KEYS}
+    kept = {k: saved.get(k, BEFORE_KEY.get(k)) for k in defining}
     kept |= {k: saved[k] for k in SCHEDULE_KEYS if k in saved and k not in typed}
     if saved.get("data_sha256") not in (None, data_digest(saved["data"])):
         raise ValueError(f"--resume: {saved['data']} has changed since the run started (its sha256 differs), so the "

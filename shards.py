@@ -19,6 +19,7 @@ import argparse
 import glob
 import io
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from data import BadSample, check_images, collate_skip_bad, read_captions, sample_rng, training_sample
+from runtime import error_line, int_at_least
 from transform import ImageLoadError, load_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes (--output_format, --encode_format)
@@ -244,10 +246,13 @@ def main(argv=None):
     parser.add_argument("--images", required=True, help="the folder the caption file's image paths start from")
     parser.add_argument("--out", required=True, help="folder for the shards")
     parser.add_argument("--split", default="train", help="the split to write ('' = every image)")
-    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--per-shard", type=int_at_least(1), default=1000, help="samples per shard")
     args = parser.parse_args(argv)
-    records = read_captions(args.captions, args.split or None)
-    paths = write_shards(records, args.images, args.out, args.per_shard)
+    try:
+        records = read_captions(args.captions, args.split or None)
+        paths = write_shards(records, args.images, args.out, args.per_shard)
+    except (FileNotFoundError, ValueError, OSError) as e:  # bad input: one line naming it
+        sys.exit(f"error: {error_line(e)}")
     print(f"wrote {len(records)} samples (the first caption of each image) in {len(paths)} shards; train with "
           "--data and this, in quotes (the shell would expand the braces):")
     print(paths[0].parent / f"shards-{{000000..{len(paths) - 1:06d}}}.tar")  # the brace spec of the files written

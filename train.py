@@ -83,7 +83,8 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
     p.add_argument("--workers", type=int_at_least(0), default=None,
-                   help="DataLoader worker processes for training (default: evaluate.loader_workers' choice)")
+                   help="DataLoader worker processes for training (default: evaluate.loader_workers' choice; 0 for "
+                        "tar shards, whose batches depend on it)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto: bf16 where the GPU or CPU multiplies bf16 natively, else fp32")
     p.add_argument("--hard-negatives", type=int_at_least(0), default=3,
@@ -100,8 +101,9 @@ def get_args(argv=None):
                    help="clip: softmax InfoNCE (clip_loss); siglip: sigmoid pairs with a learnable bias (siglip_loss; "
                         "the model gets a logit bias at -10 and the temperature starts at 10)")
     p.add_argument("--accum-chunks", type=int_at_least(1), default=1,
-                   help="encode each batch in this many chunks and backpropagate the full batch's loss chunk by chunk "
-                        "(GradCache, chunked_backward): the same step with a chunk's activations in memory, ~1/3 slower")
+                   help="encode each batch in K chunks (torch.chunk: fewer when B does not split evenly) and "
+                        "backpropagate the full batch's loss chunk by chunk (GradCache, chunked_backward): the same "
+                        "step with one chunk's activations in memory, for one more forward pass")
     p.add_argument("--lock-image", type=int_at_least(0), nargs="?", const=0, default=None, metavar="N",
                    help="LiT: freeze the image tower (CLIP.lock), all but its last N blocks if N is given; for a "
                         "pretrained --init")
@@ -315,13 +317,20 @@ def train(args, argv=()):
     model.to(device)
     for tower, unlocked in (("image", args.lock_image), ("text", args.lock_text)):
         if unlocked is not None:  # before the optimizer is built: it then holds no state for frozen weights
-            model.lock(tower, unlocked)
-            print(f"locked the {tower} tower" + (f", all but its last {unlocked} blocks" if unlocked else ""))
+            try:
+                model.lock(tower, unlocked)
+            except ValueError as e:
+                raise ValueError(f"--lock-{tower} {unlocked}: {e}") from None
+            print(f"locked the {tower} tower" + (f", all but its last {unlocked} blocks" if unlocked else "")
+                  + (" (note: of a model trained from scratch, which keeps it random)" if args.init == "scratch"
+                     else ""))
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
-    if args.accum_chunks > 1 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+    if args.accum_chunks > 1 and any(isinstance(m, torch.nn.BatchNorm2d) and m.weight.requires_grad
+                                     for m in model.modules()):
         print(f"note: --accum-chunks: the conv stem's BatchNorm normalises each chunk of {args.batch_size} / "
-              f"{args.accum_chunks} images on its own, so the step is close to, not exactly, the unchunked one")
+              f"{args.accum_chunks} images on its own (and updates its running statistics once per chunk), so the "
+              "step is close to, not exactly, the unchunked one")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)

@@ -489,9 +489,9 @@ EXERCISES = {e.name: e for e in [
          "matching pairs. Which class is right for row i?",
          "labels = torch.arange(B). F.cross_entropy(logits, labels) is the image -> text half; the text -> image half "
          "is the same on the transposed matrix. Average the two.",
-         "Bonus: keep the present negatives, negative_features[negative_valid] (N', D) (a column of -inf, via "
-         "masked_fill, is the same), then hard = logit_scale * image_features @ negatives.T is (B, N'); "
-         "torch.cat([logits, hard], dim=1) for the image -> text half only."),
+         "Bonus: hard = logit_scale * image_features @ negative_features.T is (B, N); set the missing columns to "
+         "-inf with masked_fill(~negative_valid, float('-inf')), then torch.cat([logits, hard], dim=1) for the "
+         "image -> text half only."),
         clip_loss_checks),
     Exercise(
         "attention", "multi-head self-attention, with the causal mask of the text tower", 45,

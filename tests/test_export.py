@@ -112,11 +112,30 @@ def test_a_trained_miniclip_from_the_command_line(tmp_path):
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     for got, expected in zip(hf_features(hf, images, tokens), want):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    for to, out in (("open_clip", tmp_path / "oc.pt"), ("safetensors", tmp_path / "m.safetensors")):
+    for to, out in (("open_clip", tmp_path / "trained.pt"), ("safetensors", tmp_path / "m.safetensors")):
         assert run_export(ckpt, "--to", to, out).returncode == 0
         back = load_checkpoint(out, config=ROOT / "model_configs" / "MiniCLIP-XS-32px.json" if to == "open_clip"
                                else None)
         torch.testing.assert_close(features(back, images, tokens), want, rtol=0, atol=1e-6)
+    open_clip = pytest.importorskip("open_clip")
+    open_clip.add_model_config(tmp_path / "trained.json")
+    reference = open_clip.create_model("trained", pretrained=str(tmp_path / "trained.pt")).eval()
+    for got, expected in zip(features(reference, images, tokens), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_width_that_is_not_a_whole_multiple(tmp_path):
+    """mlp_ratio 2.7: the MLPs are int(64 * 2.7) = 172 wide in model.py, open_clip and the exported config.json, and
+    the folder loads back (56 / 61 * 61 < 56 in floating point: checkpoints' ratio must survive that)."""
+    transformers = pytest.importorskip("transformers")
+    config = CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-XS-32px.json")
+    config = replace(config, vision=replace(config.vision, mlp_ratio=2.7), text=replace(config.text, mlp_ratio=2.7))
+    model = perturb_(CLIP(config), 0)
+    images, tokens = inputs(config)
+    hf = transformers.CLIPModel.from_pretrained(export_hf(model, tmp_path)).eval()
+    for got, expected in zip(hf_features(hf, images, tokens), features(model, images, tokens)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert load_checkpoint(tmp_path).state_dict()["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] == 172
 
 
 @pytest.mark.parametrize("name", ["MiniCLIP-S-64px", "MiniCLIP-S-64px-patch8"])

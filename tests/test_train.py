@@ -162,8 +162,9 @@ def test_short_run_learns_and_checkpoint_loads(tiny_data, tmp_path):
 
 
 def killed_and_resumed(out, data, *extra, steps):
-    """Starts a run, SIGKILLs it once it has saved a checkpoint, resumes it to the end; returns the step it was
-    killed at (the caller compares the final weights with an uninterrupted run's)."""
+    """Starts a run with the flags `extra`, SIGKILLs it once it has saved a checkpoint, and resumes it to the end
+    with --resume alone (what defines the run comes from the checkpoint); returns the step it was killed at (the
+    caller compares the final weights with an uninterrupted run's)."""
     proc = run_train(out, data, *extra, steps=steps, wait=False)
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -173,7 +174,7 @@ def killed_and_resumed(out, data, *extra, steps):
     proc.wait()
     killed_at = torch.load(out / "last.pt", weights_only=True)["step"]
     assert 0 < killed_at < steps, "the run finished before it could be killed; make it longer"
-    run_train(out, data, "--resume", *extra, steps=steps)
+    run_train(out, data, "--resume", steps=steps)
     return killed_at
 
 
