@@ -13,7 +13,7 @@ tokenizer (vocab.json and merges.txt, built from the same BPE merges as tokenize
 image preprocessing (preprocessor_config.json, for CLIPImageProcessor).
 
 A CLIP ViT starts with one patch convolution. The default MiniCLIP-S starts with a convolutional stem (its
-stem_channels): for it the Hugging Face folder also holds hf_code/modeling_miniclip.py, CLIPModel with the stem
+stem_channels): for it the Hugging Face folder also holds modeling_miniclip.py (from hf_code/), CLIPModel with the stem
 added, which transformers runs with AutoModel.from_pretrained(FOLDER, trust_remote_code=True); open_clip has no such
 mechanism, so --to open_clip refuses it with a message, as --to hf refuses SigLIP's logit bias (CLIPModel has none).
 --to safetensors writes every model; load_checkpoint reads every exported file back.
@@ -33,7 +33,9 @@ from tokenizer import BPE_PATH, bytes_to_unicode, EOT_ID, read_merges, SOT_ID
 from transform import OPENAI_MEAN, OPENAI_STD
 
 FORMATS = ("hf", "open_clip", "safetensors")
-REMOTE_CODE = Path(__file__).resolve().parent / "hf_code" / "modeling_miniclip.py"  # for a model with a conv stem
+# For a model with a conv stem: the modeling file transformers runs in the exported folder. A template, not project
+# code (MiniCLIP never imports transformers): it is copied as modeling_miniclip.py.
+REMOTE_CODE = Path(__file__).resolve().parent / "hf_code" / "modeling_miniclip.py.in"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
@@ -128,7 +130,7 @@ def export_hf(model, out):
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model.config)
     if model.config.vision.stem_channels:  # CLIPModel has no conv stem: hf_code's small subclass adds it
-        shutil.copy(REMOTE_CODE, out / REMOTE_CODE.name)
+        shutil.copy(REMOTE_CODE, out / "modeling_miniclip.py")
         model_class = "modeling_miniclip.MiniCLIPModel"  # also what the zero-shot-image-classification pipeline uses
         config |= {"model_type": "miniclip", "architectures": ["MiniCLIPModel"], "auto_map": {
             "AutoConfig": "modeling_miniclip.MiniCLIPConfig", "AutoModel": model_class,
