@@ -584,7 +584,7 @@ def bench_memory(args):
     base = args.memory_batch
     cases = [("plain", b, 1) for b in (base // 2, base, 2 * base, 4 * base)]
     cases += [("checkpointed", b, 1) for b in (base, 4 * base)]
-    cases += [("chunked", 4 * base, 4)] + [("chunked", 16 * base, k) for k in (16, 32, 64)]
+    cases += [("chunked", 4 * base, 4)] + [("chunked", 16 * base, k) for k in (16, 32, 64, 128)]
     cases += [("chunked + checkpointed", 16 * base, k) for k in (16, 32)]
     for mode, batch, chunks in cases:
         with spawn.Pool(1) as pool:
