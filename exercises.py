@@ -6,7 +6,7 @@ approximate / max difference).
 
     python exercises.py list                     # the exercises, and where your workspace stands with each
     python exercises.py start [DIR]              # copy the stubs into a workspace (default: workspace/)
-    python exercises.py check clip_loss          # your clip_loss against train.py's, check by check
+    python exercises.py check clip_loss          # your clip_loss against losses.py's, check by check
     python exercises.py check --all --json       # every exercise, as JSON (for collecting a class's results)
     python exercises.py hint clip_loss [N]       # the next hint (or hint N)
 
@@ -45,7 +45,7 @@ def workspace(path):
 
 
 def compared_with(e):
-    """'train.py clip_loss': where the project's own version of each function is."""
+    """'losses.py clip_loss': where the project's own version of each function is."""
     return ", ".join(f"{module.replace('.', '/')}.py {name}" for module, name in
                      (target.split(":") for target in e.solution.values()))
 
