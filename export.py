@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import HF_TO_OPENAI, load_checkpoint
+from checkpoints import HF_TO_OPENAI, load_checkpoint, SAFETENSORS_DTYPES
 from model import CheckpointError
-from tokenizer import BPE_PATH, bytes_to_unicode, EOT_ID, read_merges, SOT_ID
+from tokenizer import BPE_PATH, EOT_ID, read_merges, SimpleTokenizer, SOT_ID
 from transform import OPENAI_MEAN, OPENAI_STD
 
 FORMATS = ("hf", "open_clip", "safetensors")
 # For a model with a conv stem: the modeling file transformers runs in the exported folder. A template, not project
 # code (MiniCLIP never imports transformers): it is copied as modeling_miniclip.py.
 REMOTE_CODE = Path(__file__).resolve().parent / "hf_code" / "modeling_miniclip.py.in"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the reader's table, inverted
 
 
 # -----------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def save_safetensors(tensors, path, metadata=None):
     header, offset, blobs = {}, 0, []
     for name, t in tensors.items():
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # x86/ARM: little-endian
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
@@ -86,7 +86,7 @@ def hf_state_dict(sd):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_config(config):
+def to_hf_config(config):
     """Our CLIPConfig -> the config.json of transformers' CLIPModel (checkpoints.hf_config reads it back). The MLP
     widths are model.py's (and open_clip's) int(width * mlp_ratio)."""
     v, t, act = config.vision, config.text, "quick_gelu" if config.quick_gelu else "gelu"
@@ -107,13 +107,11 @@ def hf_config(config):
 
 
 def write_hf_tokenizer(out, context_length):
-    """CLIP's BPE as CLIPTokenizer reads it: vocab.json (token -> id, built as tokenizer.SimpleTokenizer builds its
-    vocabulary) and merges.txt (a "#version" line, then one merge per line), plus the special tokens."""
+    """CLIP's BPE as CLIPTokenizer reads it: vocab.json (token -> id: tokenizer.SimpleTokenizer's own vocabulary)
+    and merges.txt (a "#version" line, then one merge per line), plus the special tokens."""
     merges = read_merges(BPE_PATH)
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    vocab = SimpleTokenizer().encoder
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>"}
@@ -128,7 +126,7 @@ def export_hf(model, out):
     check_exportable(model, "hf")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(model.config)
+    config = to_hf_config(model.config)
     if model.config.vision.stem_channels:  # CLIPModel has no conv stem: hf_code's small subclass adds it
         shutil.copy(REMOTE_CODE, out / "modeling_miniclip.py")
         model_class = "modeling_miniclip.MiniCLIPModel"  # also what the zero-shot-image-classification pipeline uses
