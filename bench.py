@@ -22,6 +22,11 @@ Eight sections, each runnable alone (python bench.py SECTION; the default is all
 
     python bench.py all --threads 2 --repeats 7               # fp32 and bf16 where the CPU has native bf16
     python bench.py model --precision fp32 --repeats 3
+    python bench.py all --device cuda                         # peak, model, train and compile on the GPU
+
+On a GPU (--device cuda) the peak is an 8192x8192 matmul (2048 leaves most of a large GPU idle), the batches are
+larger (TinyCLIP-ViT-40M-32 trains at batch 256), every timing waits for the GPU (torch.cuda.synchronize), and the
+CPU-only sections (accuracy, retrieval, index, memory) are skipped.
 
 Timing: warm-up runs first, then --repeats timed rounds; in each round every variant runs once, in an order that
 reverses every round (ABBA...), so a noisy neighbour slows all alike, and a ratio is taken within each round. A
@@ -60,10 +65,15 @@ CAPTIONS = [f"A {size} {colour} {shape} on a plain background, photo number {i}.
                                                           ["red", "blue", "green", "white"] * 8,
                                                           ["circle", "star", "heart", "cross"] * 8))]  # 32 captions
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_RUNS = [("TinyCLIP-ViT-40M-32-Text-19M", 32), ("TinyCLIP-ViT-8M-16-Text-3M", 32)]  # (config, batch)
-TRAIN_RUNS = [("MiniCLIP-S-64px", 32), ("MiniCLIP-S-64px", 128), ("TinyCLIP-ViT-8M-16-Text-3M", 32)]
-COMPILE_RUNS = [("MiniCLIP-S-64px", "encode_image", 256), ("TinyCLIP-ViT-40M-32-Text-19M", "encode_image", 32),
-                ("MiniCLIP-S-64px", "train step", 128)]  # (config, what, batch)
+TINY_40M, TINY_8M = "TinyCLIP-ViT-40M-32-Text-19M", "TinyCLIP-ViT-8M-16-Text-3M"
+MODEL_RUNS = {"cpu": [(TINY_40M, 32), (TINY_8M, 32)],  # device -> [(config, batch)]
+              "cuda": [(TINY_40M, 256), (TINY_8M, 256)]}
+TRAIN_RUNS = {"cpu": [("MiniCLIP-S-64px", 32), ("MiniCLIP-S-64px", 128), (TINY_8M, 32)],
+              "cuda": [("MiniCLIP-S-64px", 128), (TINY_8M, 256), (TINY_40M, 256)]}
+COMPILE_RUNS = {"cpu": [("MiniCLIP-S-64px", "encode_image", 256), (TINY_40M, "encode_image", 32),  # (config, what,
+                        ("MiniCLIP-S-64px", "train step", 128)],                                  # batch)
+                "cuda": [(TINY_40M, "encode_image", 256), ("MiniCLIP-S-64px", "train step", 128),
+                         (TINY_40M, "train step", 256)]}
 
 
 def config_dict(name):
@@ -140,36 +150,42 @@ def clip_flops(cfg, image=True, text=True, text_length=None):
     return flops
 
 
-_PEAK = {}  # precision -> GFLOP/s, measured once per run
+_PEAK = {}  # (device, precision) -> GFLOP/s, measured once per run
 
 
-def matmul_gflops(precision, repeats=5, n=2048):
-    """This machine's rate for one large matmul (n x n @ n x n, 2 n^3 FLOPs) in that dtype, median of `repeats`:
-    the "peak" that fraction of peak divides by (it includes torch's thread setting)."""
-    if precision not in _PEAK:
+def synchronizer(device):
+    """A function that waits until `device` has finished its queued work: a GPU runs kernels asynchronously, so a
+    timer stopped without it measures only the launches. Nothing to wait for on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def matmul_gflops(precision, device="cpu", repeats=5):
+    """This machine's rate for one large matmul (n x n @ n x n, 2 n^3 FLOPs; n 2048 on the CPU, 8192 on a GPU) in
+    that dtype, median of `repeats`: the "peak" that fraction of peak divides by (it includes torch's thread
+    setting)."""
+    if (device, precision) not in _PEAK:
+        n, sync = (8192 if torch.device(device).type == "cuda" else 2048), synchronizer(device)
         g = torch.Generator().manual_seed(0)
-        a, b = (torch.randn(n, n, generator=g).to(DTYPES[precision]) for _ in range(2))
-        a @ b  # warm-up
-        times = []
-        for _ in range(max(3, repeats)):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        _PEAK[precision] = 2 * n ** 3 / statistics.median(times) / 1e9
-    return _PEAK[precision]
+        a, b = (torch.randn(n, n, generator=g).to(device, DTYPES[precision]) for _ in range(2))
+        times = time_pair({"matmul": lambda: a @ b}, max(3, repeats), sync=sync)["matmul"]
+        _PEAK[device, precision] = 2 * n ** 3 / statistics.median(times) / 1e9
+    return _PEAK[device, precision]
 
 
-def time_pair(fns, repeats, warmup=2):
+def time_pair(fns, repeats, warmup=2, sync=lambda: None):
     """{name: [seconds of each round]} for zero-argument functions: warm-up calls, then `repeats` rounds in which
-    each function runs once, first to last in even rounds and last to first in odd ones (ABBA...)."""
+    each function runs once, first to last in even rounds and last to first in odd ones (ABBA...). sync: waits for
+    the device (synchronizer) before a timer starts and stops."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -182,11 +198,11 @@ def ratio(slow, fast):
 
 def peak_rates(args):
     """{precision: this machine's matmul GFLOP/s} for the precisions of this run."""
-    return {p: matmul_gflops(p, args.repeats) for p in args.precisions}
+    return {p: matmul_gflops(p, args.device, args.repeats) for p in args.precisions}
 
 
 def print_peaks(args):
-    print("% peak: model FLOP/s / the matmul rate at that precision (" +
+    print(f"% peak: model FLOP/s / the {args.device} matmul rate at that precision (" +
           ", ".join(f"{p} {gflops:.0f} GFLOP/s" for p, gflops in peak_rates(args).items()) + "; bench.py peak)")
 
 
@@ -219,16 +235,17 @@ def speed_rows(name, call, batch, flops, times, peaks):
 
 
 def bench_peak(args):
-    print(f"\n== peak: one 2048x2048 @ 2048x2048 matmul, median of {max(3, args.repeats)} ==")
+    n = 8192 if args.device == "cuda" else 2048
+    print(f"\n== peak: one {n}x{n} @ {n}x{n} matmul on the {args.device}, median of {max(3, args.repeats)} ==")
     rates = peak_rates(args)
     for p, gflops in rates.items():
         vs = f"  ({gflops / rates['fp32']:.1f}x fp32)" if p != "fp32" and "fp32" in rates else ""
         print(f"{p:5s} {gflops:8.1f} GFLOP/s{vs}")
 
 
-def max_diff(ours, ref, images, tokens, precision):
+def max_diff(ours, ref, images, tokens, precision, device="cpu"):
     """Largest |ours - open_clip| over both towers' outputs under `precision`'s autocast."""
-    with torch.inference_mode(), autocast_context("cpu", precision):
+    with torch.inference_mode(), autocast_context(device, precision):
         return max((ours.encode_image(images) - ref.encode_image(images)).abs().max().item(),
                    (ours.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item())
 
@@ -240,20 +257,21 @@ def run_under(precision, fn, x, device="cpu"):
 
 
 def bench_model(args):
-    print("\n== model: encode_image / encode_text, model.py vs open_clip under the same autocast, CPU, "
+    print(f"\n== model: encode_image / encode_text, model.py vs open_clip under the same autocast, {args.device}, "
           "inference_mode ==")
-    rows = []
-    for name, batch in MODEL_RUNS:
-        ours, ref = open_clip_pair(name)
+    rows, device = [], args.device
+    for name, batch in MODEL_RUNS[device]:
+        ours, ref = (m.to(device) for m in open_clip_pair(name))
         cfg = ours.config  # what both run (no conv stem)
-        images, tokens = random_inputs(config_dict(name), batch)
+        images, tokens = (x.to(device) for x in random_inputs(config_dict(name), batch))
         flops = {"encode_image": batch * clip_flops(cfg, text=False),
                  "encode_text": batch * clip_flops(cfg, image=False, text_length=caption_length(tokens))}
         for call, x in (("encode_image", images), ("encode_text", tokens)):
-            fns = {(p, key): lambda m=m, p=p: run_under(p, getattr(m, call), x)
+            fns = {(p, key): lambda m=m, p=p: run_under(p, getattr(m, call), x, device)
                    for p in args.precisions for key, m in (("ours", ours), ("open_clip", ref))}
-            rows += speed_rows(name, call, batch, flops[call], time_pair(fns, args.repeats), peak_rates(args))
-        diffs = ", ".join(f"{p} {max_diff(ours, ref, images, tokens, p):.1e}" for p in args.precisions)
+            times = time_pair(fns, args.repeats, sync=synchronizer(device))
+            rows += speed_rows(name, call, batch, flops[call], times, peak_rates(args))
+        diffs = ", ".join(f"{p} {max_diff(ours, ref, images, tokens, p, device):.1e}" for p in args.precisions)
         print(f"{name}: same weights, max |ours - open_clip|: {diffs}")
     print_table(SPEED_HEADERS, rows)
     print_peaks(args)
@@ -276,19 +294,19 @@ def make_train_step(model, opt, images, tokens, precision, device="cpu"):
 
 
 def bench_train(args):
-    print("\n== train: forward + clip_loss + backward + AdamW step, model.py vs open_clip, CPU ==")
-    rows = []
-    for name, batch in TRAIN_RUNS:
-        pair = open_clip_pair(name)
+    print(f"\n== train: forward + clip_loss + backward + AdamW step, model.py vs open_clip, {args.device} ==")
+    rows, device = [], args.device
+    for name, batch in TRAIN_RUNS[device]:
+        pair = [m.to(device) for m in open_clip_pair(name)]
         cfg = pair[0].config  # what both run (no conv stem)
-        images, tokens = random_inputs(config_dict(name), batch)
+        images, tokens = (x.to(device) for x in random_inputs(config_dict(name), batch))
         fns, first = {}, {}  # first: each function's first loss (ours and open_clip have had the same steps before)
         for key, model in zip(("ours", "open_clip"), pair):
             opt = torch.optim.AdamW(model.train().parameters(), lr=1e-5)  # one per model, for all precisions
             for p in args.precisions:
-                step = make_train_step(model, opt, images, tokens, p)
+                step = make_train_step(model, opt, images, tokens, p, device)
                 fns[p, key] = lambda step=step, k=(p, key): first.setdefault(k, step())
-        times = time_pair(fns, args.repeats)
+        times = time_pair(fns, args.repeats, sync=synchronizer(device))
         flops = 3 * batch * clip_flops(cfg, text_length=caption_length(tokens))
         rows += speed_rows(name, "train step", batch, flops, times, peak_rates(args))
         print(f"{name} batch {batch}: first loss ours / open_clip: " +
@@ -423,7 +441,7 @@ def compile_pair(name, what, batch, precision, device):
     torch.manual_seed(0)
     model = CLIP(CLIPConfig.from_dict(config_dict(name))).to(device)
     images, tokens = (x.to(device) for x in random_inputs(config_dict(name), batch))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)  # wait for the GPU
+    sync = synchronizer(device)
     if what == "encode_image":
         fns = (model.eval().encode_image, torch.compile(model.encode_image))
         return [lambda fn=fn: (run_under(precision, fn, images, device), sync()) for fn in fns]
@@ -445,23 +463,28 @@ def bench_compile(args):
     # the text tower's int(eot.max()) (dropping the padding) is a graph break by design: dynamo's warning about it,
     # repeated for every config, would bury the table
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    rows = []
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for p in precisions_for(device, args.precision):
-            for name, what, batch in COMPILE_RUNS:
-                eager, compiled = compile_pair(name, what, batch, p, device)
-                try:
-                    first, _ = timed(compiled)  # compiles, then runs once
-                except Exception as e:
-                    print(f"{device} {name} {what} {p}: torch.compile failed: {type(e).__name__}: "
-                          f"{error_line(e)[:200]}")
-                    continue
-                times = time_pair({"eager": eager, "compiled": compiled}, args.repeats, warmup=1)
-                step = statistics.median(times["compiled"])
-                rows.append([device, name, what, batch, p, f"{batch / statistics.median(times['eager']):.1f}",
-                             f"{batch / step:.1f}", ratio(times["eager"], times["compiled"]), f"{first - step:.1f}"])
-    print_table(["device", "config", "call", "batch", "prec", "eager items/s", "compiled items/s", "speedup",
-                 "compile s"], rows)
+    rows, device, peaks = [], args.device, peak_rates(args)
+    for p in args.precisions:
+        for name, what, batch in COMPILE_RUNS[device]:
+            eager, compiled = compile_pair(name, what, batch, p, device)
+            try:
+                first, _ = timed(compiled)  # compiles, then runs once
+            except Exception as e:
+                print(f"{device} {name} {what} {p}: torch.compile failed: {type(e).__name__}: {error_line(e)[:200]}")
+                continue
+            times = time_pair({"eager": eager, "compiled": compiled}, args.repeats, warmup=1,
+                              sync=synchronizer(device))
+            cfg, (_, tokens) = CLIPConfig.from_dict(config_dict(name)), random_inputs(config_dict(name), batch)
+            flops = batch * (clip_flops(cfg, text=False) if what == "encode_image" else
+                             3 * clip_flops(cfg, text_length=caption_length(tokens)))
+            eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+            rows.append([name, what, batch, p, f"{batch / eager_s:.1f}", f"{batch / compiled_s:.1f}",
+                         ratio(times["eager"], times["compiled"]), f"{flops / eager_s / peaks[p] / 1e9:.1%}",
+                         f"{flops / compiled_s / peaks[p] / 1e9:.1%}", f"{first - compiled_s:.1f}"])
+    print(f"device: {device}")
+    print_table(["config", "call", "batch", "prec", "eager items/s", "compiled items/s", "speedup", "eager % peak",
+                 "compiled % peak", "compile s"], rows)
+    print_peaks(args)
 
 
 def bench_accuracy(args):
@@ -616,6 +639,7 @@ def cpu_name():
 SECTIONS = {"peak": bench_peak, "model": bench_model, "train": bench_train, "accuracy": bench_accuracy,
             "retrieval": bench_retrieval, "compile": bench_compile, "index": bench_index,
             "memory": bench_memory}
+GPU_SECTIONS = ("peak", "model", "train", "compile")  # the others measure this CPU's cores (busy_core, VmHWM, FAISS)
 
 
 def main(argv=None):
@@ -631,17 +655,24 @@ def main(argv=None):
                    help="index: the numbers of vectors")
     p.add_argument("--memory-batch", type=int_at_least(2), default=128,
                    help="memory: the plain run's batch that the other cases are compared with")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help=f"cuda: run {', '.join(GPU_SECTIONS)} on the GPU (the other sections are CPU-only)")
     args = p.parse_args(argv)
-    if args.precision == "fp16":
+    if args.device == "cuda" and args.section not in (*GPU_SECTIONS, "all"):
+        p.error(f"--device cuda: the {args.section} section measures the CPU; run it with --device cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
+    if args.precision == "fp16" and args.device == "cpu":
         p.error("--precision fp16 needs a GPU (CPU LayerNorm has no fp16 kernel); use bf16 or fp32")
-    args.precisions = precisions_for("cpu", args.precision)
+    args.precisions = precisions_for(args.device, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, native bf16 {'yes' if cpu_has_bf16() else 'no'} "
+    gpu = f"GPU {torch.cuda.get_device_name()} | " if args.device == "cuda" else ""
+    print(f"machine: {gpu}{cpu_name()}, {os.cpu_count()} cores, native bf16 {'yes' if cpu_has_bf16() else 'no'} "
           f"| Python {sys.version.split()[0]} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| repeats {args.repeats} | precisions {', '.join(args.precisions)}")
     for name, fn in SECTIONS.items():
-        if args.section in (name, "all"):
+        if args.section in (name, "all") and (args.device == "cpu" or name in GPU_SECTIONS):
             fn(args)
 
 

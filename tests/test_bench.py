@@ -72,6 +72,9 @@ def test_time_pair_alternates_and_ratio_reports_median_and_range():
     times = bench.time_pair({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then ABBA...
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4}
+    calls.clear()  # sync (a GPU's synchronize) runs before each timer starts and before it stops
+    bench.time_pair({"a": lambda: calls.append("a")}, repeats=2, warmup=0, sync=lambda: calls.append("sync"))
+    assert calls == ["sync", "a", "sync"] * 2
     assert bench.ratio([2.0, 3.0, 4.0], [1.0, 1.0, 1.0]) == "3.00x [2.00-4.00]"
 
 
@@ -86,6 +89,13 @@ def test_precisions_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         bench.main(["model", "--repeats", "0"])
     assert "--repeats" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(["train", "--device", "cuda"])
+        assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["memory", "--device", "cuda"])
+    assert "the memory section measures the CPU; run it with --device cpu" in capsys.readouterr().err
 
 
 def test_index_case_measures_exact_and_approximate_search():
