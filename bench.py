@@ -567,9 +567,10 @@ def bench_index(args):
 def memory_case(mode, batch, chunks, precision, threads, steps=3):
     """In a fresh process (multiprocessing spawn, so no case inherits another's freed memory): the default model,
     one warm-up step at batch 2 (it creates AdamW's state), then `steps` train.train_step calls at `batch` with 3
-    hard negatives per caption, as the default training run. Returns (step MB: the peak resident memory of those
+    hard negatives per caption and the shape label prompts, as the default training run. Returns (step MB: the peak resident memory of those
     steps above the memory before them, read from /proc/self/status VmHWM after resetting it; samples/s of the
     median step)."""
+    from label_prompts import LabelPrompts
     from train import configure_optimizer, train_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -582,7 +583,8 @@ def memory_case(mode, batch, chunks, precision, threads, steps=3):
         captions = [CAPTIONS[(i + j) % len(CAPTIONS)] for i in range(n) for j in range(4)]  # caption + 3 negatives
         images = torch.randn(n, 3, model.visual.image_size, model.visual.image_size)
         return images, tokenize(captions, model.config.text.context_length).view(n, 4, -1)  # (n, 1 + 3, L)
-    train_step(model, *inputs(2), opt, scaler, ctx, 1.0, 2.0)
+    prompts = LabelPrompts("shape", model.config.text.context_length)  # as the default run: 8 more captions a step
+    train_step(model, *inputs(2), opt, scaler, ctx, 1.0, 2.0, prompts=prompts)
     images, tokens = inputs(batch)
 
     def status(key):
@@ -592,7 +594,7 @@ def memory_case(mode, batch, chunks, precision, threads, steps=3):
     before, seconds = status("VmRSS"), []
     for _ in range(steps):
         start = time.perf_counter()
-        train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks)
+        train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks, prompts=prompts)
         seconds.append(time.perf_counter() - start)
     return status("VmHWM") - before, batch / statistics.median(seconds)
 

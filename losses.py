@@ -1,12 +1,13 @@
 """
 The contrastive losses of CLIP training, each written once: CLIP's symmetric InfoNCE with NegCLIP's hard-negative
 columns (clip_loss), SigLIP's sigmoid pairs (siglip_loss), each image against its own hard negatives only
-(hard_negative_loss), and gathering features across processes so every loss sees the global batch
-(gather_with_grad). train.py computes them in fp32 on L2-normalised features.
+(hard_negative_loss), each labelled image against all class prompts (label_prompt_loss), and gathering features
+across processes so every loss sees the global batch (gather_with_grad). train.py computes them in fp32 on L2-normalised features.
 
 References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3; NegCLIP (Yuksekgonul et al.
 2023, https://arxiv.org/abs/2210.01936) section 5; SVLC (Doveh et al. 2023, https://arxiv.org/abs/2211.11733)
-section 3.3; SigLIP (Zhai et al. 2023, https://arxiv.org/abs/2303.15343) section 3; open_clip's loss.py
+section 3.3; SigLIP (Zhai et al. 2023, https://arxiv.org/abs/2303.15343) section 3; UniCL (Yang et al. 2022,
+https://arxiv.org/abs/2204.03610) section 3; open_clip's loss.py
 (https://github.com/mlfoundations/open_clip, ClipLoss, SigLipLoss, gather_features).
 """
 import torch
@@ -61,6 +62,19 @@ def hard_negative_loss(image_features, text_features, negative_features, negativ
     logits = (logit_scale * torch.cat([positive, negative], dim=1)).masked_fill(~present, float("-inf"))  # (B, 1 + K)
     labels = torch.zeros(image_features.shape[0], dtype=torch.long, device=image_features.device)
     return F.cross_entropy(logits, labels)
+
+
+def label_prompt_loss(image_features, prompt_features, labels, logit_scale):
+    """Each labelled image against the prompts of all C classes ("a circle", "a square", ...; label_prompts.py):
+    cross-entropy over C scaled cosines, the image's class the target. This is the image -> text side of UniCL's
+    loss (Yang et al. 2022, section 3.1) with every class in every batch: supervised classification whose class
+    vectors are the text tower's features of the prompts. Features are L2-normalised: image (B, D), prompts (C, D);
+    labels (B,) with -1 for images whose caption names no single class (left out; no labelled image: 0)."""
+    logits = logit_scale * image_features @ prompt_features.T  # (B, C)
+    labelled = labels >= 0
+    if not labelled.any():
+        return logits.sum() * 0  # a zero that keeps the graph (and the gradients' shapes) as they are
+    return F.cross_entropy(logits[labelled], labels[labelled])
 
 
 def gather_with_grad(x):

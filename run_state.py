@@ -25,10 +25,12 @@ from shards import expand_shards, is_shards
 # what defines a run: --resume takes them from the checkpoint
 RUN_KEYS = ("config", "init", "data", "images", "train_split", "epochs", "max_steps", "batch_size", "lr", "wd",
             "warmup", "grad_clip", "seed", "precision", "hard_negatives", "text_lr_scale",
-            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text")
+            "negative_kinds", "hard_negative_weight", "mine_every", "loss", "lock_image", "lock_text", "label_prompts",
+            "label_prompt_weight")
 SHARD_KEYS = ("workers",)  # tar shards (shards.py): the batches also depend on the number of DataLoader workers
 BEFORE_KEY = {"hard_negatives": 0, "text_lr_scale": 1.0, "negative_kinds": "shape,colour,size,binding,order,place",
-              "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip"}  # the value a run saved before that key existed had
+              "hard_negative_weight": 0.0, "mine_every": 0, "loss": "clip", "label_prompts": "",
+              "label_prompt_weight": 0.0}  # the value a run saved before that key existed had
 # --resume keeps these unless typed again (how often to save and evaluate, and how a step fits in memory)
 SCHEDULE_KEYS = ("save_every", "eval_every", "val_split", "test_split", "accum_chunks", "grad_checkpointing")
 

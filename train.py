@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from adapters import METHODS as FEW_SHOT_METHODS
 from checkpoints import load_checkpoint
-from losses import clip_loss, gather_with_grad, hard_negative_loss, siglip_loss
+from label_prompts import KINDS as PROMPT_KINDS, LabelPrompts
+from losses import clip_loss, gather_with_grad, hard_negative_loss, label_prompt_loss, siglip_loss
 from model import CheckpointError, CLIP, CLIPConfig
 from negatives import KINDS, mined_odds
 from run_state import (data_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
@@ -94,6 +95,12 @@ def get_args(argv=None):
                    "left out by default: a random batch already tells colours apart)")
     p.add_argument("--hard-negative-weight", type=float, default=2.0,
                    help="weight of hard_negative_loss, each image against its own hard negatives only (0: off)")
+    p.add_argument("--label-prompts", choices=[*PROMPT_KINDS, ""], default="shape",
+                   help="UniCL label prompts (label_prompts.py): each image whose caption names one class of this "
+                        "attribute also picks its class among all the class prompts (\"a circle\", ...), every "
+                        "step; '' for none")
+    p.add_argument("--label-prompt-weight", type=float, default=1.0,
+                   help="weight of label_prompt_loss (0: off)")
     p.add_argument("--mine-every", type=int_at_least(0), default=0,
                    help="every this many steps (e.g. 50), draw the new shape or colour word of hard negatives by the "
                         "model's own confusions (negatives.confusable; 0: every other word equally likely)")
@@ -150,10 +157,16 @@ def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
-def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, hard_negative_weight):
+def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, hard_negative_weight, prompts=None):
     """The loss of one batch from this process's features (gathered here, so it is the global batch's loss): image
     (B, D) and caption features (B * (1 + K), D) in fp32, tokens (B, L) or (B, 1 + K, L) as in train_step. clip_loss,
-    or siglip_loss for a model with a logit bias, plus hard_negative_weight x hard_negative_loss with K > 0."""
+    or siglip_loss for a model with a logit bias, plus hard_negative_weight x hard_negative_loss with K > 0. prompts
+    (LabelPrompts): the last C rows of text_features are its prompts', and prompts.weight x label_prompt_loss of
+    the global batch's images is added."""
+    prompt_features = None
+    if prompts is not None:  # the same C prompt features on every process: nothing to gather
+        text_features, prompt_features = text_features[:-len(prompts)], text_features[-len(prompts):]  # (C, D)
+        labels = gather_with_grad(prompts.labels(tokens if tokens.ndim == 2 else tokens[:, 0]).float()).long()
     B = image_features.shape[0]
     image_features, negatives, valid = gather_with_grad(image_features), None, None
     if tokens.ndim == 2:
@@ -171,10 +184,12 @@ def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, h
         K = tokens.shape[1] - 1
         own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
         loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
+    if prompt_features is not None:
+        loss = loss + prompts.weight * label_prompt_loss(image_features, prompt_features, labels, logit_scale)
     return loss
 
 
-def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler):
+def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler, extra=0):
     """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
     https://arxiv.org/abs/2101.06983, section 3.2): the gradients of the full batch's loss, with the activations of
     only one chunk of it in memory at a time. 1) Encode the batch chunk by chunk without a graph and keep only the
@@ -182,10 +197,12 @@ def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler):
     temperature, and SigLIP's bias). 3) Encode each chunk again, with a graph, and backpropagate its rows of that
     cached gradient: the weights' gradients add up to those of the unchunked step. Exact for a model without
     BatchNorm; BatchNorm (the conv stem) normalises each chunk on its own, as each process's share under DDP.
-    Returns the loss; the gradients are in the parameters' .grad."""
-    captions_per_image = captions.shape[0] // images.shape[0]  # 1 + K
+    extra: rows after the batch's captions (the label prompts), encoded with the last chunk. Returns the loss; the
+    gradients are in the parameters' .grad."""
+    captions_per_image = (captions.shape[0] - extra) // images.shape[0]  # 1 + K
     image_chunks = images.chunk(chunks)
-    caption_chunks = captions.split([len(x) * captions_per_image for x in image_chunks])
+    sizes = [len(x) * captions_per_image for x in image_chunks]
+    caption_chunks = captions.split(sizes[:-1] + [sizes[-1] + extra])
     raw = model.module if hasattr(model, "module") else model
     buffers = [b.clone() for b in raw.buffers()]
     with torch.no_grad(), ctx:  # 1)
@@ -217,16 +234,21 @@ def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler):
     return loss
 
 
-def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0, chunks=1):
+def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0, chunks=1,
+               prompts=None):
     """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
     finite (the step is skipped and the weights are untouched). tokens (B, L), or (B, 1 + K, L) with K hard
     negatives per caption after the true one (all-zero rows: none), which also add hard_negative_weight times
     hard_negative_loss. A model with a logit bias (CLIPConfig.init_logit_bias) trains with siglip_loss, any
-    other with clip_loss. chunks > 1: the same step with one chunk's activations in memory (chunked_backward)."""
+    other with clip_loss. chunks > 1: the same step with one chunk's activations in memory (chunked_backward).
+    prompts (LabelPrompts): its C prompts go through the text tower with the captions, for label_prompt_loss."""
     captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
-    loss_of = partial(batch_loss, tokens=tokens, hard_negative_weight=hard_negative_weight)
+    extra = 0 if prompts is None else len(prompts)
+    if prompts is not None:  # one pass of the text tower for the captions and the prompts
+        captions = torch.cat([captions, prompts.tokens.to(captions.device)])  # (B * (1 + K) + C, L)
+    loss_of = partial(batch_loss, tokens=tokens, hard_negative_weight=hard_negative_weight, prompts=prompts)
     if chunks > 1:
-        loss = chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler)
+        loss = chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler, extra)
     else:
         with ctx:  # the towers run under autocast; the loss is computed in fp32
             image_features, text_features, logit_scale = model(images, captions)
@@ -341,6 +363,11 @@ def train(args, argv=()):
     steps_per_epoch = len(loader)  # read before set_epoch(start=...), which shortens the epoch being resumed
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     optimizer = configure_optimizer(model, args.lr, args.wd, args.text_lr_scale)
+    prompts = None
+    if args.label_prompts and args.label_prompt_weight:  # UniCL label prompts (label_prompts.py)
+        prompts = LabelPrompts(args.label_prompts, model.config.text.context_length, args.label_prompt_weight)
+        print(f"label prompts: {len(prompts)} {prompts.kind} classes ({', '.join(prompts.names)}), weight "
+              f"{prompts.weight:g}")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = restore_state(ckpt, model, optimizer, scaler) if ckpt else 0
     ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -380,7 +407,7 @@ def train(args, argv=()):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before lr_scale: 1
                 loss, grad_norm = train_step(ddp_model, batch_images, tokens, optimizer, scaler, ctx, args.grad_clip,
-                                             args.hard_negative_weight, args.accum_chunks)
+                                             args.hard_negative_weight, args.accum_chunks, prompts)
                 step += 1
                 if grad_norm is None:  # a non-finite step was skipped; five in a row stop the run
                     non_finite += 1

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from label_prompts import LabelPrompts
 from model import CLIP, CLIPConfig
 from test_train import losses, run_train, tiny_data, weights, XS  # noqa: F401 (tiny_data is a fixture)
 from tokenizer import tokenize
@@ -37,11 +38,12 @@ def batches(n=3, B=10, K=2, seed=1):
     return out
 
 
-def train(model, data, chunks, ctx=FP32, **optimizer):
+def train(model, data, chunks, ctx=FP32, prompts=None, **optimizer):
     model = copy.deepcopy(model)
     opt = configure_optimizer(model, 1e-3, 0.1, **optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    steps = [train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks) for images, tokens in data]
+    steps = [train_step(model, images, tokens, opt, scaler, ctx, 1.0, 2.0, chunks=chunks, prompts=prompts)
+             for images, tokens in data]
     return model, opt, [value for step in steps for value in step]  # loss and gradient norm of each step
 
 
@@ -67,6 +69,20 @@ def test_chunked_steps_equal_the_full_batch(loss):
     assert max_difference(full, model) > 1e-4  # the steps did change the weights
     if loss == "siglip":
         assert abs(full.logit_bias.item() + 10.0) > 1e-4 and abs(full.logit_bias - chunked.logit_bias) <= 1e-6
+
+
+def test_chunked_steps_with_label_prompts_equal_the_full_batch():
+    """The label prompts go through the text tower with the last chunk's captions: 3 chunks give the unchunked
+    steps' losses, gradient norms and weights; and the prompts' loss is part of the step."""
+    torch.manual_seed(0)
+    model, data, prompts = CLIP(small()), batches(), LabelPrompts("colour", 16)
+    assert prompts.labels(data[0][1][:, 0]).tolist() == [0] * 10  # every true caption says "red"
+    full, _, full_losses = train(model, data, chunks=1, prompts=prompts)
+    chunked, _, chunked_losses = train(model, data, chunks=3, prompts=prompts)
+    assert chunked_losses == pytest.approx(full_losses, rel=1e-5, abs=1e-5)
+    assert max_difference(full, chunked) <= 1e-5
+    _, _, without = train(model, data, chunks=1)
+    assert without[0] < full_losses[0] - 1e-3  # the prompts' cross-entropy is added to the loss
 
 
 def test_chunked_step_under_bf16_autocast_is_close():
