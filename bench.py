@@ -567,9 +567,9 @@ def bench_index(args):
 def memory_case(mode, batch, chunks, precision, threads, steps=3):
     """In a fresh process (multiprocessing spawn, so no case inherits another's freed memory): the default model,
     one warm-up step at batch 2 (it creates AdamW's state), then `steps` train.train_step calls at `batch` with 3
-    hard negatives per caption and the shape label prompts, as the default training run. Returns (step MB: the peak resident memory of those
-    steps above the memory before them, read from /proc/self/status VmHWM after resetting it; samples/s of the
-    median step)."""
+    hard negatives per caption and the shape label prompts, as the default training run. Returns (step MB: the peak
+    resident memory of those steps above the memory before them, read from /proc/self/status VmHWM after resetting
+    it; samples/s of the median step)."""
     from label_prompts import LabelPrompts
     from train import configure_optimizer, train_step
     torch.set_num_threads(threads)
