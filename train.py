@@ -99,7 +99,7 @@ def get_args(argv=None):
                    help="UniCL label prompts (label_prompts.py): each image whose caption names one class of this "
                         "attribute also picks its class among all the class prompts (\"a circle\", ...), every "
                         "step; '' for none")
-    p.add_argument("--label-prompt-weight", type=float, default=1.0,
+    p.add_argument("--label-prompt-weight", type=float, default=2.0,
                    help="weight of label_prompt_loss (0: off)")
     p.add_argument("--mine-every", type=int_at_least(0), default=0,
                    help="every this many steps (e.g. 50), draw the new shape or colour word of hard negatives by the "
