@@ -1,6 +1,5 @@
 """Label prompts (label_prompts.py, losses.label_prompt_loss): which class a caption names, read from its tokens, and
 the loss of each labelled image against all class prompts."""
-import pytest
 import torch
 import torch.nn.functional as F
 
