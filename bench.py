@@ -13,7 +13,8 @@ Eight sections, each runnable alone (python bench.py SECTION; the default is all
                one-at-a-time loop, evaluate.py with the old setting (2 workers, 2 threads) and with its automatic
                workers and threads (evaluate.encode_plan); seconds, and each one's time / the automatic one's
     compile    torch.compile, measured (not adopted anywhere): encode_image and the training step of ours,
-               eager vs compiled, steps/s, the speedup, and the compile time (the first call) apart
+               eager vs compiled, items/s, the speedup, each one's fraction of peak, and the compile time (the first
+               call) apart; on the CPU, or on the GPU with --device cuda
     memory     peak memory of one training step against the global batch: plain, chunked (GradCache,
                train.py --accum-chunks) and with gradient checkpointing, and samples/s of each
     index      search.py's FAISS indexes (flat, ivf, hnsw) over 10k, 100k and 1M random unit vectors of the default

@@ -15,7 +15,8 @@ classification reads.
 Which class a caption names is read from its tokens: each class's words (synthetic.py's tables, synonyms included,
 "disc" for circle, "six-sided shape" for hexagon) are tokenized alone, and since CLIP's BPE encodes a word the same
 inside a caption, a word is a run of token ids to look for. Captions naming no class, or two different ones, get
-label -1 and are left out: other datasets' captions (Flickr, COCO) name none of these words, and the loss is then 0.
+label -1 and are left out. On other datasets these words need not name what is drawn ("a town square", "a star
+player"), so train.py turns the prompts on by default for the built-in Shapes data only.
 """
 import torch
 
@@ -34,11 +35,11 @@ def word_ids(text):
 class LabelPrompts:
     """The C classes of one attribute (KINDS) as prompt tokens (C, L), and the labels of a batch's captions."""
 
-    def __init__(self, kind, context_length, weight=1.0):
+    def __init__(self, kind, context_length, weight=1.0, device="cpu"):
         table, template = KINDS[kind]
         self.kind, self.weight, self.names = kind, weight, list(table)
-        self.tokens = tokenize([template.format(name) for name in table], context_length)  # (C, L)
-        self.words = [(c, word_ids(word)) for c, words in enumerate(table.values()) for word in words]
+        self.tokens = tokenize([template.format(name) for name in table], context_length).to(device)  # (C, L)
+        self.words = [(c, word_ids(word).to(device)) for c, words in enumerate(table.values()) for word in words]
 
     def __len__(self):
         return len(self.names)
@@ -49,5 +50,5 @@ class LabelPrompts:
         named = torch.zeros(captions.shape[0], len(self), dtype=torch.bool, device=captions.device)  # (B, C)
         for c, ids in self.words:
             windows = captions.unfold(1, len(ids), 1)  # (B, L - n + 1, n): every run of n tokens
-            named[:, c] |= (windows == ids.to(captions.device)).all(dim=-1).any(dim=-1)
+            named[:, c] |= (windows == ids).all(dim=-1).any(dim=-1)
         return torch.where(named.sum(dim=1) == 1, named.long().argmax(dim=1), -1)

@@ -95,10 +95,11 @@ def get_args(argv=None):
                    "left out by default: a random batch already tells colours apart)")
     p.add_argument("--hard-negative-weight", type=float, default=2.0,
                    help="weight of hard_negative_loss, each image against its own hard negatives only (0: off)")
-    p.add_argument("--label-prompts", choices=[*PROMPT_KINDS, ""], default="shape",
+    p.add_argument("--label-prompts", choices=[*PROMPT_KINDS, ""], default=None,
                    help="UniCL label prompts (label_prompts.py): each image whose caption names one class of this "
                         "attribute also picks its class among all the class prompts (\"a circle\", ...), every "
-                        "step; '' for none")
+                        "step; '' for none (default: shape on the built-in Shapes data, none with --data, whose "
+                        "captions may use these words otherwise: \"a town square\")")
     p.add_argument("--label-prompt-weight", type=float, default=2.0,
                    help="weight of label_prompt_loss (0: off)")
     p.add_argument("--mine-every", type=int_at_least(0), default=0,
@@ -130,6 +131,8 @@ def get_args(argv=None):
         p.error(f"--accum-chunks {args.accum_chunks} is more chunks than --batch-size {args.batch_size} has images")
     if args.text_lr_scale is None:  # from scratch a slower text tower learns more (README, the probe's ablation)
         args.text_lr_scale = 0.3 if args.init == "scratch" else 1.0
+    if args.label_prompts is None:  # the Shapes captions' shape words name the shape drawn; elsewhere they may not
+        args.label_prompts = "shape" if args.data is None else ""
     return args
 
 
@@ -210,7 +213,7 @@ def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler, extr
     for b, saved in zip(raw.buffers(), buffers):  # 1) must not move BatchNorm's running statistics: 3) will
         b.copy_(saved)
     image_features = torch.cat([c[0] for c in cached]).float().requires_grad_()  # (B, D)
-    text_features = torch.cat([c[1] for c in cached]).float().requires_grad_()  # (B * (1 + K), D)
+    text_features = torch.cat([c[1] for c in cached]).float().requires_grad_()  # (B * (1 + K) + extra, D)
     logit_scale = cached[0][2].float().requires_grad_()
     bias = None if raw.logit_bias is None else raw.logit_bias.detach().float().requires_grad_()
     loss = loss_of(image_features, text_features, logit_scale, bias)  # 2)
@@ -365,7 +368,7 @@ def train(args, argv=()):
     optimizer = configure_optimizer(model, args.lr, args.wd, args.text_lr_scale)
     prompts = None
     if args.label_prompts and args.label_prompt_weight:  # UniCL label prompts (label_prompts.py)
-        prompts = LabelPrompts(args.label_prompts, model.config.text.context_length, args.label_prompt_weight)
+        prompts = LabelPrompts(args.label_prompts, model.config.text.context_length, args.label_prompt_weight, device)
         print(f"label prompts: {len(prompts)} {prompts.kind} classes ({', '.join(prompts.names)}), weight "
               f"{prompts.weight:g}")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -44,3 +44,11 @@ def test_label_prompt_loss_is_cross_entropy_over_the_prompts_of_labelled_images(
     none = label_prompt_loss(images, prompts, torch.full((5,), -1), 10.0)
     assert none.item() == 0.0 and none.requires_grad  # no labelled image: 0, and backward still works
     none.backward()
+
+
+def test_train_turns_label_prompts_on_for_the_built_in_data_only():
+    from train import get_args
+    assert (get_args([]).label_prompts, get_args([]).label_prompt_weight) == ("shape", 2.0)
+    assert get_args(["--data", "captions.json", "--images", "img"]).label_prompts == ""  # real captions: off
+    assert get_args(["--data", "captions.json", "--images", "img", "--label-prompts", "shape"]).label_prompts == "shape"
+    assert get_args(["--label-prompts", ""]).label_prompts == ""
