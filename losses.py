@@ -2,7 +2,8 @@
 The contrastive losses of CLIP training, each written once: CLIP's symmetric InfoNCE with NegCLIP's hard-negative
 columns (clip_loss), SigLIP's sigmoid pairs (siglip_loss), each image against its own hard negatives only
 (hard_negative_loss), each labelled image against all class prompts (label_prompt_loss), and gathering
-features across processes so every loss sees the global batch (gather_with_grad). train.py computes them in fp32 on L2-normalised features.
+features across processes so every loss sees the global batch (gather_with_grad). train.py computes them in fp32
+on L2-normalised features.
 
 References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3; NegCLIP (Yuksekgonul et al.
 2023, https://arxiv.org/abs/2210.01936) section 5; SVLC (Doveh et al. 2023, https://arxiv.org/abs/2211.11733)
