@@ -76,8 +76,9 @@ def test_chunked_steps_with_label_prompts_equal_the_full_batch():
     steps' losses, gradient norms and weights; and the prompts' loss is part of the step."""
     torch.manual_seed(0)
     model, data, prompts = CLIP(small()), batches(), LabelPrompts("colour", 16)
-    for images, tokens in data:  # true captions of three colours and of none, so labels and images must stay paired
-        tokens[:, 0] = tokenize([f"a {['red', 'blue', 'green', 'plain'][i % 4]} shape number {i}" for i in range(10)], 16)
+    colours = ["red", "blue", "green", "plain"]  # three colours and none: labels and images must stay paired
+    for images, tokens in data:
+        tokens[:, 0] = tokenize([f"a {colours[i % 4]} shape number {i}" for i in range(10)], 16)
     assert prompts.labels(data[0][1][:, 0]).tolist() == [0, 4, 3, -1] * 2 + [0, 4]
     full, _, full_losses = train(model, data, chunks=1, prompts=prompts)
     chunked, _, chunked_losses = train(model, data, chunks=3, prompts=prompts)
