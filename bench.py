@@ -151,7 +151,17 @@ def clip_flops(cfg, image=True, text=True, text_length=None):
     return flops
 
 
+def step_flops(cfg, tokens):
+    """FLOPs of one training step per (image, caption) pair: 3x the forward (clip_flops) at the captions' length."""
+    return 3 * clip_flops(cfg, text_length=caption_length(tokens))
+
+
 _PEAK = {}  # (device, precision) -> GFLOP/s, measured once per run
+
+
+def peak_size(device):
+    """The side n of the peak's matmul: 2048 on the CPU; 8192 on a GPU, where 2048 leaves most of it idle."""
+    return 8192 if torch.device(device).type == "cuda" else 2048
 
 
 def synchronizer(device):
@@ -165,7 +175,7 @@ def matmul_gflops(precision, device="cpu", repeats=5):
     that dtype, median of `repeats`: the "peak" that fraction of peak divides by (it includes torch's thread
     setting)."""
     if (device, precision) not in _PEAK:
-        n, sync = (8192 if torch.device(device).type == "cuda" else 2048), synchronizer(device)
+        n, sync = peak_size(device), synchronizer(device)
         g = torch.Generator().manual_seed(0)
         a, b = (torch.randn(n, n, generator=g).to(device, DTYPES[precision]) for _ in range(2))
         times = time_pair({"matmul": lambda: a @ b}, max(3, repeats), sync=sync)["matmul"]
@@ -236,7 +246,7 @@ def speed_rows(name, call, batch, flops, times, peaks):
 
 
 def bench_peak(args):
-    n = 8192 if args.device == "cuda" else 2048
+    n = peak_size(args.device)
     print(f"\n== peak: one {n}x{n} @ {n}x{n} matmul on the {args.device}, median of {max(3, args.repeats)} ==")
     rates = peak_rates(args)
     for p, gflops in rates.items():
@@ -308,7 +318,7 @@ def bench_train(args):
                 step = make_train_step(model, opt, images, tokens, p, device)
                 fns[p, key] = lambda step=step, k=(p, key): first.setdefault(k, step())
         times = time_pair(fns, args.repeats, sync=synchronizer(device))
-        flops = 3 * batch * clip_flops(cfg, text_length=caption_length(tokens))
+        flops = batch * step_flops(cfg, tokens)
         rows += speed_rows(name, "train step", batch, flops, times, peak_rates(args))
         print(f"{name} batch {batch}: first loss ours / open_clip: " +
               ", ".join(f"{p} {first[p, 'ours']:.5f} / {first[p, 'open_clip']:.5f}" for p in args.precisions))
@@ -473,11 +483,9 @@ def bench_compile(args):
             except Exception as e:
                 print(f"{device} {name} {what} {p}: torch.compile failed: {type(e).__name__}: {error_line(e)[:200]}")
                 continue
-            times = time_pair({"eager": eager, "compiled": compiled}, args.repeats, warmup=1,
-                              sync=synchronizer(device))
+            times = time_pair({"eager": eager, "compiled": compiled}, args.repeats, warmup=1)  # they wait for the GPU
             cfg, (_, tokens) = CLIPConfig.from_dict(config_dict(name)), random_inputs(config_dict(name), batch)
-            flops = batch * (clip_flops(cfg, text=False) if what == "encode_image" else
-                             3 * clip_flops(cfg, text_length=caption_length(tokens)))
+            flops = batch * (clip_flops(cfg, text=False) if what == "encode_image" else step_flops(cfg, tokens))
             eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
             rows.append([name, what, batch, p, f"{batch / eager_s:.1f}", f"{batch / compiled_s:.1f}",
                          ratio(times["eager"], times["compiled"]), f"{flops / eager_s / peaks[p] / 1e9:.1%}",

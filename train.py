@@ -246,9 +246,9 @@ def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_ne
     other with clip_loss. chunks > 1: the same step with one chunk's activations in memory (chunked_backward).
     prompts (LabelPrompts): its C prompts go through the text tower with the captions, for label_prompt_loss."""
     captions = tokens if tokens.ndim == 2 else tokens.flatten(0, 1)  # (B, L) or (B * (1 + K), L)
-    extra = 0 if prompts is None else len(prompts)
+    extra = 0
     if prompts is not None:  # one pass of the text tower for the captions and the prompts
-        captions = torch.cat([captions, prompts.tokens.to(captions.device)])  # (B * (1 + K) + C, L)
+        captions, extra = torch.cat([captions, prompts.tokens.to(captions.device)]), len(prompts)  # (B*(1+K)+C, L)
     loss_of = partial(batch_loss, tokens=tokens, hard_negative_weight=hard_negative_weight, prompts=prompts)
     if chunks > 1:
         loss = chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler, extra)
