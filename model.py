@@ -255,6 +255,9 @@ def eot_pool(x, tokens):
     return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
 
 
+TEXT_BUCKETS, TEXT_BUCKET_ROWS = 4, 128  # encode_text: up to 4 length groups of at least 128 captions each
+
+
 class CLIP(nn.Module):
 
     def __init__(self, config: CLIPConfig):
@@ -337,13 +340,20 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
+        """Under the causal mask nothing after a caption's EOT reaches its EOT row (eot_pool), so a caption needs only
+        its first eot + 1 positions: the padding is dropped (exact). The captions are sorted by length and run in
+        groups of at least TEXT_BUCKET_ROWS, each cut to its longest caption, so short captions do not pay for the
+        batch's longest (a training step with hard negatives: ~20% faster on a CPU)."""
         if tokens.shape[1] > self.positional_embedding.shape[0]:
             raise ValueError(f"tokens have {tokens.shape[1]} positions, but this model's context_length is "
                              f"{self.positional_embedding.shape[0]}: tokenize(texts, context_length=...)")
-        # The causal mask means nothing after the last EOT can reach an EOT row (eot_pool): drop that padding (exact)
         eot = tokens.argmax(dim=-1)  # (B,)
-        tokens = tokens[:, :int(eot.max()) + 1] if len(tokens) else tokens  # (B, L)
-        x = self.encode_text_embeddings(self.token_embedding(tokens), tokens)  # (B, embed_dim)
+        order = eot.argsort(stable=True)  # shortest first
+        parts = []
+        for rows in order.tensor_split(max(1, min(TEXT_BUCKETS, len(tokens) // TEXT_BUCKET_ROWS))):
+            t = tokens[rows, :int(eot[rows].max()) + 1] if len(rows) else tokens[rows]  # (b, L_b)
+            parts.append(self.encode_text_embeddings(self.token_embedding(t), t))  # (b, embed_dim)
+        x = torch.cat(parts)[order.argsort()]  # back in the input order (B, embed_dim)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text_embeddings(self, x, tokens):

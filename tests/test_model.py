@@ -287,3 +287,28 @@ def test_grad_checkpointing_gives_the_same_gradients():
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
     assert model.transformer.grad_checkpointing and model.visual.transformer.grad_checkpointing
+
+
+def test_length_groups_give_each_caption_its_own_features():
+    """encode_text sorts a large batch by caption length and runs it in groups, each cut to its longest caption: every
+    caption's features (and the gradients) equal those of the caption encoded alone in a padded batch of its own,
+    in the input order, whatever the groups (a shuffled batch of 520 lengths from 1 to 8, empty rows included)."""
+    torch.manual_seed(0)
+    model = CLIP(stem_config())
+    lengths = torch.randint(1, 9, (520,))
+    lengths[:5] = 1  # all-zero rows (a missing hard negative): EOT at 0
+    tokens = torch.zeros(520, 8, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        if n > 1:
+            tokens[i, :n] = torch.randint(1, 98, (n,))
+            tokens[i, n - 1] = 99  # EOT, the largest id of this vocabulary
+    weights = torch.randn(520, 16)
+    grouped = model.encode_text(tokens)
+    (grouped * weights).sum().backward()
+    grad_grouped = model.token_embedding.weight.grad.clone()
+    model.zero_grad()
+    alone = torch.cat([model.encode_text(tokens[i:i + 1]) for i in range(520)])
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(grouped, alone, rtol=1e-5, atol=1e-6)
+    grad_alone = model.token_embedding.weight.grad  # sums of the same terms, added in another order
+    torch.testing.assert_close(grad_grouped, grad_alone, rtol=1e-4, atol=1e-5 * grad_alone.abs().max().item())
