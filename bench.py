@@ -17,9 +17,10 @@ Eight sections, each runnable alone (python bench.py SECTION; the default is all
                call) apart; on the CPU, or on the GPU with --device cuda
     memory     peak memory of one training step against the global batch: plain, chunked (GradCache,
                train.py --accum-chunks) and with gradient checkpointing, and samples/s of each
-    index      search.py's FAISS indexes (flat, ivf, hnsw) over 10k, 100k and 1M random unit vectors of the default
-               model's dimension: build time (with the recall tuning), memory, one-query latency p50/p99 and
-               recall@10 of 1,000 new queries against exact search
+    index      search.py's FAISS indexes (flat, ivf, hnsw) over 10k, 100k and 1M vectors of the default model's
+               dimension, drawn like its image features and searched with its text features (needs the trained
+               model), and random unit vectors (the hard case): build time (with the recall tuning), memory,
+               one-query latency p50/p99 and recall@10 of 1,000 queries against exact search
 
     python bench.py all --threads 2 --repeats 7               # fp32 and bf16 where the CPU has native bf16
     python bench.py model --precision fp32 --repeats 3
@@ -40,6 +41,7 @@ tutorial_features / tutorial_search below).
 """
 import argparse
 import copy
+import itertools
 import json
 import logging
 import os
@@ -496,6 +498,16 @@ def bench_compile(args):
     print_peaks(args)
 
 
+def shapes_split(model, split):
+    """The built-in Shapes images and captions of one split (None: all of them), at the model's image size."""
+    from data import CaptionEvalDataset, read_captions
+    from synthetic import ensure_shapes
+    from transform import image_transform
+    data = ensure_shapes()
+    return CaptionEvalDataset(read_captions(data, split), data.parent / "images",
+                              image_transform(model.config.vision.image_size))
+
+
 def bench_accuracy(args):
     """bf16 against fp32 on a trained model (--checkpoint, default: the default run) and the built-in test split:
     retrieval R@1/5/10 both ways at each precision, the smallest cosine between a bf16 embedding and its fp32 one,
@@ -505,13 +517,9 @@ def bench_accuracy(args):
     if not path.exists():
         print(f"skipped: {path} not found (python train.py first, or --checkpoint CKPT)")
         return
-    from data import CaptionEvalDataset, read_captions
     from evaluate import encode_images, encode_texts, recall_at_k
-    from synthetic import ensure_shapes
-    from transform import image_transform
-    model, data = load_checkpoint(path).eval(), ensure_shapes()
-    dataset = CaptionEvalDataset(read_captions(data, "test"), data.parent / "images",
-                                 image_transform(model.config.vision.image_size))
+    model = load_checkpoint(path).eval()
+    dataset = shapes_split(model, "test")
     first = [dataset.caption_image.tolist().index(i) for i in range(len(dataset))]  # each image's first caption
     rows, features = [], {}
     for precision in ("fp32", "bf16"):
@@ -529,9 +537,36 @@ def bench_accuracy(args):
           f"{(p32 - p16).abs().max().item():.2e}")
 
 
-def unit_rows(n, d, seed):
-    x = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)  # (n, d)
+def unit_rows(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # (n, d)
+
+
+def random_rows(n, d, seed):
+    return unit_rows(np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32))  # (n, d)
+
+
+def feature_rows(model, n_queries=1000):
+    """The trained model's own features, for the index benchmark -> (queries, images, draw). queries: its text
+    features of n_queries test captions; images: its features of the 12,000 built-in images; draw(n, seed): n unit
+    vectors from a Gaussian with the mean and covariance of those image features. The Gaussian keeps how unevenly
+    the features spread over directions and where images sit against texts (the modality gap), but not their
+    clusters, which make search easier: compare its rows with the images' own at 10,000."""
+    from evaluate import encode_images, encode_texts
+    test = shapes_split(model, "test")
+    rng = np.random.default_rng(1)
+    queries = encode_texts(model, [test.captions[i] for i in rng.choice(len(test.captions), n_queries,
+                                                                        replace=False)], progress=False)  # (Q, D)
+    images = encode_images(model, shapes_split(model, None), progress=False)  # (N, D) unit rows
+    return queries, images, fitted_gaussian(images)
+
+
+def fitted_gaussian(x):
+    """draw(n, seed): n unit vectors drawn from a Gaussian with the mean and covariance of the rows of x (N, D)."""
+    mean, cov = x.mean(axis=0, dtype=np.float64), np.cov(x, rowvar=False)  # (D,), (D, D)
+
+    def draw(n, seed):
+        return unit_rows(np.random.default_rng(seed).multivariate_normal(mean, cov, size=n, method="cholesky"))
+    return draw
 
 
 def index_case(x, queries, kind):
@@ -555,22 +590,35 @@ def index_case(x, queries, kind):
     return build, megabytes, p50, p99, float(np.mean(hits)), info
 
 
+def index_cases(vectors, sizes, checkpoint, d):
+    """(queries, cases) for one kind of --index-vectors; cases yields (name, x) one at a time (a million rows is
+    512 MB). random: isotropic unit vectors, no clusters and every direction alike, the hard case for an
+    approximate index. features: see feature_rows; the 12,000 real image features come first, then the Gaussian's."""
+    if vectors == "random":
+        return random_rows(1000, d, seed=1), ((vectors, random_rows(n, d, seed=0)) for n in sizes)
+    queries, images, draw = feature_rows(load_checkpoint(checkpoint).eval())
+    return queries, itertools.chain([("images", images)], ((vectors, draw(n, seed=0)) for n in sizes))
+
+
 def bench_index(args):
-    """FAISS index types at growing sizes; random unit vectors have no clusters, so they are the hard case for the
-    approximate indexes (real image features are easier)."""
+    """search.build_index's FAISS indexes (flat, ivf, hnsw) at each of --index-sizes, for each of --index-vectors."""
     d = CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-S-64px.json").embed_dim
-    queries = unit_rows(1000, d, seed=1)
+    checkpoint = Path(args.checkpoint or ROOT / "out" / "shapes" / "last.pt")
     rows = []
-    for n in args.index_sizes:
-        x = unit_rows(n, d, seed=0)
-        for kind in ("flat", "ivf", "hnsw"):
-            build, mb, p50, p99, recall, info = index_case(x, queries, kind)
-            params = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("type", "recall@10"))
-            rows.append([f"{n:,}", kind, params or "-", f"{build:.1f}", f"{mb:.0f}", f"{p50:.2f}", f"{p99:.2f}",
-                         f"{recall:.3f}"])
-            print(" | ".join(rows[-1]), flush=True)
-    print(f"index ({d}-d random unit vectors; build includes the recall tuning; latency: one query at a time)")
-    print_table(["vectors", "index", "parameters", "build s", "MB", "p50 ms", "p99 ms", "recall@10"], rows)
+    for vectors in args.index_vectors:
+        if vectors == "features" and not checkpoint.exists():
+            print(f"index: features skipped: {checkpoint} not found (python train.py first, or --checkpoint CKPT)")
+            continue
+        queries, cases = index_cases(vectors, args.index_sizes, checkpoint, d)
+        for name, x in cases:
+            for kind in ("flat", "ivf", "hnsw"):
+                build, mb, p50, p99, recall, info = index_case(x, queries, kind)
+                params = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("type", "recall@10"))
+                rows.append([name, f"{len(x):,}", kind, params or "-", f"{build:.1f}", f"{mb:.0f}", f"{p50:.2f}",
+                             f"{p99:.2f}", f"{recall:.3f}"])
+                print(" | ".join(rows[-1]), flush=True)
+    print(f"index ({d}-d unit vectors; build includes the recall tuning; latency: one query at a time)")
+    print_table(["vectors", "n", "index", "parameters", "build s", "MB", "p50 ms", "p99 ms", "recall@10"], rows)
 
 
 def memory_case(mode, batch, chunks, precision, threads, steps=3):
@@ -661,9 +709,11 @@ def main(argv=None):
     p.add_argument("--precision", choices=PRECISIONS,
                    help="default: fp32 and bf16 where the CPU has native bf16 (runtime.cpu_has_bf16), else fp32")
     p.add_argument("--eval-images", type=int_at_least(1), help="retrieval: the first N test images (default: all)")
-    p.add_argument("--checkpoint", help="accuracy: the trained model (default: out/shapes/last.pt)")
+    p.add_argument("--checkpoint", help="accuracy, index: the trained model (default: out/shapes/last.pt)")
     p.add_argument("--index-sizes", type=int_at_least(20), nargs="+", default=[10_000, 100_000, 1_000_000],
                    help="index: the numbers of vectors")
+    p.add_argument("--index-vectors", choices=["features", "random"], nargs="+", default=["features", "random"],
+                   help="index: features (like the trained model's, --checkpoint) and/or random unit vectors")
     p.add_argument("--memory-batch", type=int_at_least(2), default=128,
                    help="memory: the plain run's batch that the other cases are compared with")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

@@ -3,6 +3,7 @@ Tests for bench.py's counting, not its timings: clip_flops against a hand count 
 FlopCounterMode on a tiny CLIP (forward exactly, a training step within 5% of 3x the forward), the alternating
 order of time_pair, the ratio's median [min-max], and the precisions the command line runs.
 """
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -98,8 +99,31 @@ def test_index_case_measures_exact_and_approximate_search():
     """bench index's measurement on 2,000 vectors: exact search finds every true neighbour, HNSW (tuned by
     search.build_index to recall 0.95 on indexed vectors) most of them for new queries; latency and memory are set."""
     pytest.importorskip("faiss")
-    x, queries = bench.unit_rows(2000, 16, seed=0), bench.unit_rows(50, 16, seed=1)
+    x, queries = bench.random_rows(2000, 16, seed=0), bench.random_rows(50, 16, seed=1)
     build, mb, p50, p99, recall, info = bench.index_case(x, queries, "flat")
     assert recall == 1.0 and info == {"type": "flat"} and mb > 0 and 0 < p50 <= p99
     *_, recall, info = bench.index_case(x, queries, "hnsw")
     assert info["type"] == "hnsw" and recall >= 0.85
+
+
+def test_fitted_gaussian_keeps_the_features_direction_and_spread():
+    """bench index's stand-in for a million image features: unit vectors drawn with the mean and covariance of the
+    given rows keep their mean direction and their uneven spread over directions (isotropic ones would not)."""
+    rng = np.random.default_rng(0)
+    scale = np.array([4.0, 2.0] + [0.3] * 14)  # most of the spread in two of 16 directions
+    features = bench.unit_rows(rng.standard_normal((4000, 16)) * scale + 3.0 * np.eye(16)[5])  # (4000, 16)
+    drawn = bench.fitted_gaussian(features)(4000, seed=1)
+    assert drawn.shape == (4000, 16) and drawn.dtype == np.float32
+    assert np.allclose(np.linalg.norm(drawn, axis=1), 1.0, atol=1e-5)
+
+    def cosine(a, b):
+        return abs(a @ b) / np.linalg.norm(a) / np.linalg.norm(b)
+
+    def axes(x):  # (variances largest first, the direction of the largest)
+        values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+        return values[::-1], vectors[:, -1]
+    (v_feat, axis_feat), (v_drawn, axis_drawn) = axes(features), axes(drawn)
+    assert cosine(drawn.mean(axis=0), features.mean(axis=0)) > 0.99 and cosine(axis_drawn, axis_feat) > 0.95
+    effective_dim = lambda v: v.sum() ** 2 / (v ** 2).sum()  # participation ratio: 16 for isotropic rows
+    assert effective_dim(v_feat) < 3 and abs(effective_dim(v_drawn) - effective_dim(v_feat)) < 1
+    assert effective_dim(axes(bench.random_rows(4000, 16, seed=2))[0]) > 14
