@@ -498,6 +498,15 @@ def bench_compile(args):
     print_peaks(args)
 
 
+def trained_checkpoint(args, what):
+    """--checkpoint, or the default run's out/shapes/last.pt; None, with a line saying `what` is skipped and why,
+    when it is missing."""
+    path = Path(args.checkpoint or ROOT / "out" / "shapes" / "last.pt")
+    if path.exists():
+        return path
+    print(f"{what} skipped: {path} not found (python train.py first, or --checkpoint CKPT)")
+
+
 def shapes_split(model, split):
     """The built-in Shapes images and captions of one split (None: all of them), at the model's image size."""
     from data import CaptionEvalDataset, read_captions
@@ -512,11 +521,11 @@ def bench_accuracy(args):
     """bf16 against fp32 on a trained model (--checkpoint, default: the default run) and the built-in test split:
     retrieval R@1/5/10 both ways at each precision, the smallest cosine between a bf16 embedding and its fp32 one,
     and the largest difference of a zero-shot probability (each image against the first caption of every image)."""
-    path = Path(args.checkpoint or ROOT / "out" / "shapes" / "last.pt")
-    print(f"\n== accuracy: bf16 vs fp32 on {path} and the built-in test split ==")
-    if not path.exists():
-        print(f"skipped: {path} not found (python train.py first, or --checkpoint CKPT)")
+    print("\n== accuracy: bf16 vs fp32 on the trained model and the built-in test split ==")
+    path = trained_checkpoint(args, "accuracy")
+    if path is None:
         return
+    print(f"checkpoint: {path}")
     from evaluate import encode_images, encode_texts, recall_at_k
     model = load_checkpoint(path).eval()
     dataset = shapes_split(model, "test")
@@ -603,11 +612,10 @@ def index_cases(vectors, sizes, checkpoint, d):
 def bench_index(args):
     """search.build_index's FAISS indexes (flat, ivf, hnsw) at each of --index-sizes, for each of --index-vectors."""
     d = CLIPConfig.from_json(ROOT / "model_configs" / "MiniCLIP-S-64px.json").embed_dim
-    checkpoint = Path(args.checkpoint or ROOT / "out" / "shapes" / "last.pt")
     rows = []
     for vectors in args.index_vectors:
-        if vectors == "features" and not checkpoint.exists():
-            print(f"index: features skipped: {checkpoint} not found (python train.py first, or --checkpoint CKPT)")
+        checkpoint = trained_checkpoint(args, "index: features") if vectors == "features" else None
+        if vectors == "features" and checkpoint is None:
             continue
         queries, cases = index_cases(vectors, args.index_sizes, checkpoint, d)
         for name, x in cases:

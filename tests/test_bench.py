@@ -124,6 +124,8 @@ def test_fitted_gaussian_keeps_the_features_direction_and_spread():
         return values[::-1], vectors[:, -1]
     (v_feat, axis_feat), (v_drawn, axis_drawn) = axes(features), axes(drawn)
     assert cosine(drawn.mean(axis=0), features.mean(axis=0)) > 0.99 and cosine(axis_drawn, axis_feat) > 0.95
-    effective_dim = lambda v: v.sum() ** 2 / (v ** 2).sum()  # participation ratio: 16 for isotropic rows
+
+    def effective_dim(variances):  # the participation ratio: 16 for isotropic rows
+        return variances.sum() ** 2 / (variances ** 2).sum()
     assert effective_dim(v_feat) < 3 and abs(effective_dim(v_drawn) - effective_dim(v_feat)) < 1
     assert effective_dim(axes(bench.random_rows(4000, 16, seed=2))[0]) > 14
