@@ -52,8 +52,8 @@ from adapters import CLIP_SCALE, residual_blend
 from anomaly_data import (augmentation, ensure_anomaly_shapes, list_categories, loader, read_items, save_overlays,
                           split_train_val)
 from anomaly_metrics import auroc, average_precision, per_category_table, pixel_ap, pixel_auroc
-from checkpoints import atomic_save, is_torchscript, load_checkpoint, torch_load
-from model import CheckpointError, CLIPConfig
+from checkpoints import atomic_save, CheckpointError, is_torchscript, load_checkpoint, torch_load
+from model import CLIPConfig, eot_pool
 from run_state import lock_run_dir
 from runtime import autocast_context, error_line, pick_device, plain_warnings, precision_line, PRECISIONS
 from tokenizer import tokenize
@@ -183,7 +183,7 @@ class AACLIP(nn.Module):
             x = block(x, causal=True)
             if i < len(self.text_adapter["adapters"]):
                 x = adapt_residual(x, self.text_adapter["adapters"][i], self.cfg.text_adapt_weight)
-        x = c.ln_final(x)[torch.arange(len(x), device=x.device), eot]  # (B, width)
+        x = eot_pool(c.ln_final(x), tokens)  # (B, width)
         return self.text_adapter["proj"](x)
 
     @in_precision

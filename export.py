@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import HF_TO_OPENAI, load_checkpoint, SAFETENSORS_DTYPES
-from model import CheckpointError
+from checkpoints import CheckpointError, HF_TO_OPENAI, load_checkpoint, SAFETENSORS_DTYPES
 from tokenizer import BPE_PATH, EOT_ID, read_merges, SimpleTokenizer, SOT_ID
 from transform import OPENAI_MEAN, OPENAI_STD
 

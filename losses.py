@@ -2,8 +2,8 @@
 The contrastive losses of CLIP training, each written once: CLIP's symmetric InfoNCE with NegCLIP's hard-negative
 columns (clip_loss), SigLIP's sigmoid pairs (siglip_loss), each image against its own hard negatives only
 (hard_negative_loss), each labelled image against all class prompts (label_prompt_loss), and gathering
-features across processes so every loss sees the global batch (gather_with_grad). train.py computes them in fp32
-on L2-normalised features.
+features across processes so every loss sees the global batch (gather_with_grad); batch_loss combines them into the
+loss of one training batch as train.py's step uses it, in fp32, on L2-normalised features.
 
 References: CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) Figure 3; NegCLIP (Yuksekgonul et al.
 2023, https://arxiv.org/abs/2210.01936) section 5; SVLC (Doveh et al. 2023, https://arxiv.org/abs/2211.11733)
@@ -87,3 +87,39 @@ def gather_with_grad(x):
         return x
     import torch.distributed.nn  # registers the autograd-aware collectives
     return torch.cat(torch.distributed.nn.all_gather(x), dim=0)  # (world * B, D)
+
+
+# -----------------------------------------------------------------------------
+# The loss of one training batch: the formulas above, combined as train.py's step uses them
+
+
+def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, hard_negative_weight, prompts=None):
+    """The loss of one batch from this process's features (gathered here, so it is the global batch's loss): image
+    (B, D) and caption features (B * (1 + K), D) in fp32, tokens (B, L) or (B, 1 + K, L) as in train.train_step.
+    clip_loss, or siglip_loss for a model with a logit bias, plus hard_negative_weight x hard_negative_loss with
+    K > 0. prompts (LabelPrompts): the last C rows of text_features are its prompts', and prompts.weight x
+    label_prompt_loss of the global batch's images is added."""
+    prompt_features = None
+    if prompts is not None:  # the same C prompt features on every process: nothing to gather
+        text_features, prompt_features = text_features[:-len(prompts)], text_features[-len(prompts):]  # (C, D)
+        labels = gather_with_grad(prompts.labels(tokens if tokens.ndim == 2 else tokens[:, 0]).float()).long()
+    B = image_features.shape[0]
+    image_features, negatives, valid = gather_with_grad(image_features), None, None
+    if tokens.ndim == 2:
+        positives = gather_with_grad(text_features)  # (world * B, D)
+    else:
+        text_features = text_features.view(B, tokens.shape[1], -1)  # (B, 1 + K, D)
+        positives = gather_with_grad(text_features[:, 0])  # (world * B, D)
+        negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (world * B * K, D)
+        valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (world * B * K,)
+    if logit_bias is None:
+        loss = clip_loss(image_features, positives, logit_scale, negatives, valid)
+    else:
+        loss = siglip_loss(image_features, positives, logit_scale, logit_bias, negatives, valid)
+    if negatives is not None and hard_negative_weight:
+        K = tokens.shape[1] - 1
+        own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
+        loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
+    if prompt_features is not None:
+        loss = loss + prompts.weight * label_prompt_loss(image_features, prompt_features, labels, logit_scale)
+    return loss

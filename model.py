@@ -2,17 +2,18 @@
 A complete CLIP written by hand: a Vision Transformer image tower and a causal Transformer text tower
 that embed images and captions into one space (Radford et al. 2021, "Learning Transferable Visual Models
 From Natural Language Supervision", https://arxiv.org/abs/2103.00020, section 2.4 "Choosing and Scaling
-a Model"), plus `build_model`, which makes one from a state dict in the OpenAI key layout.
+a Model").
 
 References:
-1) openai/CLIP clip/model.py (VisionTransformer, build_model): https://github.com/openai/CLIP
+1) openai/CLIP clip/model.py (VisionTransformer, CLIP): https://github.com/openai/CLIP
 2) open_clip (module and key names): https://github.com/mlfoundations/open_clip
 3) TinyCLIP (Wu et al., ICCV 2023, https://arxiv.org/abs/2309.12314): same architecture, GELU activation
 4) nanoGPT model.py for the style: https://github.com/karpathy/nanoGPT
 
 Module names follow the OpenAI/open_clip checkpoint keys (visual.conv1, transformer.resblocks.0.attn.in_proj_weight,
 ln_final, text_projection, logit_scale, ...), so those checkpoints load without renaming. Reading the other file
-layouts (TinyCLIP, Hugging Face, TorchScript, ...) and renaming their keys is checkpoints.py's job.
+layouts (TinyCLIP, Hugging Face, TorchScript, ...), renaming their keys and building a CLIP from a state dict's
+tensor shapes (openai/CLIP's build_model) is checkpoints.py's job.
 """
 import json
 import math
@@ -371,88 +372,3 @@ class CLIP(nn.Module):
         image_features = self.encode_image(images, normalize=True)  # (B, embed_dim)
         text_features = self.encode_text(tokens, normalize=True)  # (B, embed_dim)
         return image_features, text_features, self.logit_scale.exp()
-
-
-# -----------------------------------------------------------------------------
-# Building a CLIP from a state dict in the OpenAI layout (openai/CLIP clip/model.py build_model)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be read or does not fit the model (the message says why)."""
-
-
-def mlp_ratio(hidden, width):
-    """The mlp_ratio for which model.py's int(width * mlp_ratio) gives `hidden` back (hidden / width can land a
-    rounding error below it: 56 / 61 * 61 = 55.99...)."""
-    ratio = hidden / width
-    return ratio if int(width * ratio) == hidden else math.nextafter(ratio, math.inf)
-
-
-def infer_config(sd, quick_gelu=False, source="state dict"):
-    """Builds the config from tensor shapes, as openai/CLIP's build_model does (heads = width // 64).
-    The shapes cannot show the activation: quick_gelu says it."""
-    def count_layers(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
-            "visual.transformer.resblocks.0.mlp.c_fc.weight", "token_embedding.weight", "positional_embedding",
-            "text_projection", "transformer.resblocks.0.mlp.c_fc.weight"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise CheckpointError(f"{source}: cannot infer the architecture: missing {missing} "
-                              "(is this a ViT CLIP checkpoint?)")
-    stem = [sd[k].shape[0] for k in sorted((k for k in sd if k.startswith("visual.stem.") and sd[k].ndim == 4),
-                                            key=lambda k: int(k.split(".")[2]))]  # each conv (C_out, C_in, 3, 3)
-    vw, _, patch, _ = sd["visual.conv1.weight"].shape  # (width, 3 or the stem's channels, patch, patch)
-    patch *= 2 ** len(stem)  # each stem convolution halves the image
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # (1 + grid*grid, width)
-    vocab, tw = sd["token_embedding.weight"].shape
-    try:
-        vision = VisionConfig(image_size=patch * grid, layers=count_layers("visual.transformer.resblocks."), width=vw,
-                              patch_size=patch, head_width=64, stem_channels=stem,
-                              mlp_ratio=mlp_ratio(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], vw))
-        text = TextConfig(context_length=sd["positional_embedding"].shape[0], vocab_size=vocab, width=tw,
-                          heads=tw // 64, layers=count_layers("transformer.resblocks."),
-                          mlp_ratio=mlp_ratio(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], tw))
-    except ValueError as e:  # widths below 64, or not split by heads of 64: pass a config that gives the heads
-        raise CheckpointError(f"{source}: cannot infer the heads ({e}); pass a config") from None
-    bias = float(sd["logit_bias"].reshape(())) if "logit_bias" in sd else None  # a SigLIP-trained model has one
-    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, quick_gelu=quick_gelu,
-                      init_logit_bias=bias)
-
-
-def compare_configs(cfg, inferred):
-    """Lists config fields that the checkpoint's tensor shapes contradict (head counts cannot be seen)."""
-    a, b = cfg.to_dict(), inferred.to_dict()
-    pairs = [("embed_dim", a["embed_dim"], b["embed_dim"])] + [(f"{tower}.{k}", v, b[tower][k])
-             for tower in ("vision_cfg", "text_cfg") for k, v in a[tower].items() if k not in ("head_width", "heads")]
-    return [f"{name}: config {x}, checkpoint {y}" for name, x, y in pairs if x != y]
-
-
-def load_weights(model, sd, source):
-    """Strict load with one readable report of every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    problems = {"missing keys": [k for k in expected if k not in sd],
-                "unexpected keys": [k for k in sd if k not in expected],
-                "shape mismatches": [f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)}"
-                                     for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
-    if any(problems.values()):
-        lines = [f"{source}: the checkpoint does not match the model"]
-        for title, items in problems.items():
-            if items:  # at most 12 of each kind, then "..."
-                more = ["    ..."] if len(items) > 12 else []
-                lines += [f"  {title} ({len(items)}):"] + [f"    {x}" for x in items[:12]] + more
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(sd, assign=True)  # assign: take the checkpoint's tensors instead of copying them
-
-
-def build_model(sd, config=None, quick_gelu=False, source="state dict"):
-    """A CLIP in eval mode holding the weights of sd, a state dict in the OpenAI layout (openai/CLIP's build_model).
-    config None: the architecture is read from the tensor shapes, quick_gelu says the activation; a given CLIPConfig
-    is checked against the shapes instead. source names the weights in error messages."""
-    inferred = infer_config(sd, quick_gelu, source)
-    if config is not None and (diffs := compare_configs(config, inferred)):
-        raise CheckpointError(f"{source}: config does not match the checkpoint:\n  " + "\n  ".join(diffs))
-    with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
-        model = CLIP(inferred if config is None else config)
-    load_weights(model, sd, source)
-    return model.eval()

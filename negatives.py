@@ -25,7 +25,9 @@ steps afresh, by how alike the model's text features of the words are (confusabl
 et al. 2021, "Contrastive Learning with Hard Negative Samples", https://arxiv.org/abs/2010.04592), so the pairs the
 model confuses (circle and hexagon) come up most.
 
-Captions of other datasets (Flickr, COCO) contain none of these words and get no hard negative.
+Captions of other datasets (train.py --data: Flickr, COCO, your own) get the changes their words allow: "a man in a
+red shirt to the left of a small dog" -> "... to the right of ..." or "... a large dog"; a caption with none of these
+words gets no hard negative (its rows stay empty and are masked out of the loss).
 """
 import re
 from functools import lru_cache

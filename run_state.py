@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import save_checkpoint, torch_load
-from model import CheckpointError
+from checkpoints import CheckpointError, save_checkpoint, torch_load
 from shards import expand_shards, is_shards
 
 # what defines a run: --resume takes them from the checkpoint

@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint
-from model import CheckpointError
+from checkpoints import CheckpointError, load_checkpoint
 from run_state import file_digest
 from runtime import (autocast_context, error_line, int_at_least, pick_device, plain_warnings, precision_line,
                      resolve_precision, PRECISIONS, setup_distributed)

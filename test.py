@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint
-from model import CheckpointError
+from checkpoints import CheckpointError, load_checkpoint
 from tokenizer import tokenize
 from runtime import (autocast_context, error_line, int_at_least, pick_device, plain_warnings, precision_line,
                      PRECISIONS, resolve_precision)

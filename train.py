@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -31,10 +30,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from adapters import METHODS as FEW_SHOT_METHODS
-from checkpoints import load_checkpoint
+from checkpoints import CheckpointError, load_checkpoint
+from grad_cache import chunked_backward
 from label_prompts import KINDS as PROMPT_KINDS, LabelPrompts
-from losses import clip_loss, gather_with_grad, hard_negative_loss, label_prompt_loss, siglip_loss
-from model import CheckpointError, CLIP, CLIPConfig
+from losses import batch_loss
+from model import CLIP, CLIPConfig
 from negatives import KINDS, mined_odds
 from run_state import (data_digest, lock_run_dir, read_run_checkpoint, restore_state, resumed_args, save_state,
                        StopRequest, trim_metrics)
@@ -160,83 +160,6 @@ def configure_optimizer(model, lr, wd, text_lr_scale=1.0):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
-def batch_loss(image_features, text_features, logit_scale, logit_bias, tokens, hard_negative_weight, prompts=None):
-    """The loss of one batch from this process's features (gathered here, so it is the global batch's loss): image
-    (B, D) and caption features (B * (1 + K), D) in fp32, tokens (B, L) or (B, 1 + K, L) as in train_step. clip_loss,
-    or siglip_loss for a model with a logit bias, plus hard_negative_weight x hard_negative_loss with K > 0. prompts
-    (LabelPrompts): the last C rows of text_features are its prompts', and prompts.weight x label_prompt_loss of
-    the global batch's images is added."""
-    prompt_features = None
-    if prompts is not None:  # the same C prompt features on every process: nothing to gather
-        text_features, prompt_features = text_features[:-len(prompts)], text_features[-len(prompts):]  # (C, D)
-        labels = gather_with_grad(prompts.labels(tokens if tokens.ndim == 2 else tokens[:, 0]).float()).long()
-    B = image_features.shape[0]
-    image_features, negatives, valid = gather_with_grad(image_features), None, None
-    if tokens.ndim == 2:
-        positives = gather_with_grad(text_features)  # (world * B, D)
-    else:
-        text_features = text_features.view(B, tokens.shape[1], -1)  # (B, 1 + K, D)
-        positives = gather_with_grad(text_features[:, 0])  # (world * B, D)
-        negatives = gather_with_grad(text_features[:, 1:].flatten(0, 1))  # (world * B * K, D)
-        valid = gather_with_grad(tokens[:, 1:].flatten(0, 1).any(dim=-1).float()) > 0  # (world * B * K,)
-    if logit_bias is None:
-        loss = clip_loss(image_features, positives, logit_scale, negatives, valid)
-    else:
-        loss = siglip_loss(image_features, positives, logit_scale, logit_bias, negatives, valid)
-    if negatives is not None and hard_negative_weight:
-        K = tokens.shape[1] - 1
-        own = negatives.view(-1, K, negatives.shape[-1]), valid.view(-1, K)  # (world * B, K, D), (world * B, K)
-        loss = loss + hard_negative_weight * hard_negative_loss(image_features, positives, *own, logit_scale)
-    if prompt_features is not None:
-        loss = loss + prompts.weight * label_prompt_loss(image_features, prompt_features, labels, logit_scale)
-    return loss
-
-
-def chunked_backward(model, images, captions, loss_of, chunks, ctx, scaler, extra=0):
-    """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
-    https://arxiv.org/abs/2101.06983, section 3.2): the gradients of the full batch's loss, with the activations of
-    only one chunk of it in memory at a time. 1) Encode the batch chunk by chunk without a graph and keep only the
-    features. 2) The loss of the full batch on those features, and its gradient with respect to each feature (and the
-    temperature, and SigLIP's bias). 3) Encode each chunk again, with a graph, and backpropagate its rows of that
-    cached gradient: the weights' gradients add up to those of the unchunked step. Exact for a model without
-    BatchNorm; BatchNorm (the conv stem) normalises each chunk on its own, as each process's share under DDP.
-    extra: rows after the batch's captions (the label prompts), encoded with the last chunk. Returns the loss; the
-    gradients are in the parameters' .grad."""
-    captions_per_image = (captions.shape[0] - extra) // images.shape[0]  # 1 + K
-    image_chunks = images.chunk(chunks)
-    sizes = [len(x) * captions_per_image for x in image_chunks]
-    caption_chunks = captions.split(sizes[:-1] + [sizes[-1] + extra])
-    raw = model.module if hasattr(model, "module") else model
-    buffers = [b.clone() for b in raw.buffers()]
-    with torch.no_grad(), ctx:  # 1)
-        cached = [model(x, t) for x, t in zip(image_chunks, caption_chunks)]
-    for b, saved in zip(raw.buffers(), buffers):  # 1) must not move BatchNorm's running statistics: 3) will
-        b.copy_(saved)
-    image_features = torch.cat([c[0] for c in cached]).float().requires_grad_()  # (B, D)
-    text_features = torch.cat([c[1] for c in cached]).float().requires_grad_()  # (B * (1 + K) + extra, D)
-    logit_scale = cached[0][2].float().requires_grad_()
-    bias = None if raw.logit_bias is None else raw.logit_bias.detach().float().requires_grad_()
-    loss = loss_of(image_features, text_features, logit_scale, bias)  # 2)
-    if not torch.isfinite(loss):
-        return loss
-    scaler.scale(loss).backward()
-    image_grads = image_features.grad.split([len(x) for x in image_chunks])
-    text_grads = text_features.grad.split([len(t) for t in caption_chunks])
-    for i, (x, t) in enumerate(zip(image_chunks, caption_chunks)):  # 3)
-        last = i == len(image_chunks) - 1  # DDP averages the gradients across processes once, after the last chunk
-        with model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext():
-            with ctx:
-                chunk_image, chunk_text, chunk_scale = model(x, t)
-            pairs = [(chunk_image, image_grads[i]), (chunk_text, text_grads[i])]
-            if last:  # the temperature's and the bias's gradients, once
-                pairs.append((chunk_scale, logit_scale.grad))
-                if bias is not None:
-                    pairs.append((raw.logit_bias, bias.grad))
-            pairs = [(out.float(), grad) for out, grad in pairs if out.requires_grad]  # a locked tower has none
-            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-    return loss
-
-
 def train_step(model, images, tokens, optimizer, scaler, ctx, grad_clip, hard_negative_weight=0.0, chunks=1,
                prompts=None):
     """One optimisation step; returns (loss, grad norm), or (loss, None) when the loss or the gradient is not
@@ -305,29 +228,9 @@ def final_evaluation(model, splits, images, device, precision, out, probe):
     print(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
 
 
-# -----------------------------------------------------------------------------
-# The run: setup, the training loop, the final evaluation
-
-
-def train(args, argv=()):
-    rank, world, local_rank = setup_distributed()
-    master = rank == 0
-    if not master:  # only rank 0 prints, logs, saves and evaluates
-        sys.stdout = open(os.devnull, "w")
-    device = pick_device(args.device, local_rank)
-    out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
-    lock = lock_run_dir(out) if master else None  # held until the process ends: one run per folder
-    ckpt = read_run_checkpoint(ckpt_path) if args.resume else None
-    if ckpt:
-        args = resumed_args(args, argv, ckpt["args"], world)
-    elif master and any(p.name != ".lock" for p in out.iterdir()):
-        raise ValueError(f"{out} holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}): "
-                         "pass --resume to continue it, or choose another --out")
-    precision = precision_line(device, args.precision)
-    ctx = autocast_context(device, precision)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-
+def make_model(args, device):
+    """The model to train on device: from scratch (args.config, default MiniCLIP-S-64px) or from args.init, with
+    the towers locked (LiT) and gradient checkpointing as the flags ask."""
     if args.init == "scratch":
         config = CLIPConfig.from_json(args.config or ROOT / "model_configs" / "MiniCLIP-S-64px.json")
         if args.loss == "siglip":  # SigLIP section 3: t' = log 10, b = -10 (open_clip's SigLIP configs)
@@ -356,6 +259,33 @@ def train(args, argv=()):
         print(f"note: --accum-chunks: the conv stem's BatchNorm normalises each chunk of {args.batch_size} / "
               f"{args.accum_chunks} images on its own (and updates its running statistics once per chunk), so the "
               "step is close to, not exactly, the unchunked one")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# The run: setup, the training loop, the final evaluation
+
+
+def train(args, argv=()):
+    rank, world, local_rank = setup_distributed()
+    master = rank == 0
+    if not master:  # only rank 0 prints, logs, saves and evaluates
+        sys.stdout = open(os.devnull, "w")
+    device = pick_device(args.device, local_rank)
+    out, ckpt_path = Path(args.out), Path(args.out) / "last.pt"
+    lock = lock_run_dir(out) if master else None  # held until the process ends: one run per folder
+    ckpt = read_run_checkpoint(ckpt_path) if args.resume else None
+    if ckpt:
+        args = resumed_args(args, argv, ckpt["args"], world)
+    elif master and any(p.name != ".lock" for p in out.iterdir()):
+        raise ValueError(f"{out} holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}): "
+                         "pass --resume to continue it, or choose another --out")
+    precision = precision_line(device, args.precision)
+    ctx = autocast_context(device, precision)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    model = make_model(args, device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({args.init}), device {device}, "
           f"precision {precision}, {world} process(es)")
     data, images = resolve_data(args.data, args.images, rank, world)

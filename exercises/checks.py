@@ -353,7 +353,7 @@ def wrapped_keys(keys, style):
 
 def key_remap_checks(learner):
     import checkpoints
-    from model import build_model
+    from checkpoints import build_model
     fn, ref = learner.key_remap, checkpoints.strip_wrappers
     model = tiny_clip(seed=24)
     sd, images = model.state_dict(), randn(2, 3, 16, 16, seed=25)

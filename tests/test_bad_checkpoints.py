@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import checkpoints
-from checkpoints import atomic_save, load_checkpoint, save_checkpoint
-from model import CLIP, CheckpointError, CLIPConfig
+from checkpoints import atomic_save, CheckpointError, load_checkpoint, save_checkpoint
+from model import CLIP, CLIPConfig
 from oracles import ROOT
 
 XS = ROOT / "model_configs" / "MiniCLIP-XS-32px.json"

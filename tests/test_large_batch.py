@@ -1,4 +1,4 @@
-"""Training beyond one small batch: the chunked step (GradCache, train.chunked_backward) against the unchunked one,
+"""Training beyond one small batch: the chunked step (GradCache, grad_cache.chunked_backward) against the unchunked one,
 alone and under DDP, and locked towers (LiT, CLIP.lock). Gradient checkpointing is tested in test_model.py."""
 import copy
 import json

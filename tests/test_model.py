@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from checkpoints import infer_config, load_checkpoint, save_checkpoint
-from model import CLIP, CheckpointError, CLIPConfig
+from checkpoints import CheckpointError, infer_config, load_checkpoint, save_checkpoint
+from model import CLIP, CLIPConfig
 from oracles import (ROOT, hf_features, hf_model, json_config, openclip_model, save_flat, save_tinyclip,
                      save_torchscript)
 
