@@ -176,8 +176,8 @@ class AACLIP(nn.Module):
         """The text tower with an adapter after each of the first text_adapt_until blocks, pooled at EOT,
         through the new projection (B, D)."""
         c = self.clip
-        eot = tokens.argmax(dim=-1)  # (B,)
-        tokens = tokens[:, :int(eot.max()) + 1]  # padding after the last EOT never reaches it (causal mask)
+        # the padding after the last EOT never reaches an EOT row (causal mask): drop it
+        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]  # (B, L)
         x = c.token_embedding(tokens) + c.positional_embedding[:tokens.shape[1]]  # (B, L, width)
         for i, block in enumerate(c.transformer.resblocks):
             x = block(x, causal=True)
